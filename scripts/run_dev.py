@@ -1,0 +1,120 @@
+"""`make run`: the bundled mock upstream (unless UPSTREAM_BASE_URL is set) plus the gateway.
+
+Starts both as child processes, waits until each answers, prints a ready line and a curl to
+try, and stops both cleanly on Ctrl-C (or when either exits).
+"""
+
+# ruff: noqa: S603  (argv built here from sys.executable and fixed module names)
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1.0):  # noqa: S310 - loopback URL we built
+                return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--mock-port", type=int, default=9001)
+    args = parser.parse_args()
+    env = dict(os.environ)
+    mock: subprocess.Popen[bytes] | None = None
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        if not env.get("UPSTREAM_BASE_URL"):
+            mock = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "mock_deepseek_sse:app",
+                    "--app-dir",
+                    str(ROOT / "mock_upstream"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.mock_port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+            )
+            env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{args.mock_port}"
+            if not _wait_http(env["UPSTREAM_BASE_URL"] + "/", mock):
+                print("make run: the mock upstream did not start", file=sys.stderr)
+                return 1
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ds2oai",
+                "serve",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+        base = f"http://{args.host}:{args.port}"
+        if not _wait_http(base + "/healthz", gateway):
+            print("make run: the gateway did not start", file=sys.stderr)
+            return 1
+        print(
+            f"\nds2oai ready on {base} (upstream {env['UPSTREAM_BASE_URL']}). Try:\n\n"
+            f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            '    -d \'{"model": "deepseek-chat", "messages": [{"role": "user", '
+            '"content": "Hello"}], "stream": true}\'\n\n'
+            "Ctrl-C stops both.\n",
+            flush=True,
+        )
+        while True:
+            if gateway.poll() is not None or (mock is not None and mock.poll() is not None):
+                print("make run: a process exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+        return 0
+    finally:
+        _stop(gateway)
+        _stop(mock)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The request chain: `Exchange` in, `Reply` out, through an ordered list of middleware.
+
+server.py builds an `Exchange` from the HTTP request and calls the folded chain; the innermost
+handler is the upstream call (`upstream.py`). A middleware may replace the exchange (with
+`dataclasses.replace`, never by mutating what another attempt also sees), short-circuit with a
+`Reply` or a `ClientError`, or wrap `reply.body` in a new async iterator that closes the source
+in `finally`. Bodies are lazy: nothing reaches the client until the sink in server.py pulls the
+first item, so retry and error translation work until then. This module builds the chain from
+`[middleware] chain` once at start-up and refuses to start on any bad entry, naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ds2oai import jsonutil
+from ds2oai.config import Config
+from ds2oai.errors import ConfigError
+
+__all__ = [
+    "Body",
+    "Exchange",
+    "Middleware",
+    "Next",
+    "Reply",
+    "Trace",
+    "build_middleware",
+    "fold",
+    "single",
+]
+
+Body = AsyncGenerator[bytes, None]
+
+
+async def single(data: bytes) -> Body:
+    """A body of one item (used for JSON answers that still go through stream stages)."""
+    yield data
+
+
+@dataclass(slots=True)
+class Trace:
+    """Per-request facts for logs and metrics. The one mutable part of an exchange, on purpose:
+    it records what happened (attempts, upstream statuses, outcome), it never steers the chain."""
+
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    upstream_statuses: list[int] = field(default_factory=list)
+    outcome: str | None = None
+    first_byte_at: float | None = None
+    first_token_at: float | None = None
+    queue_wait: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    client_key_id: str | None = None
+    malformed_chunks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One client request on its way upstream.
+
+    `upstream_body` is the JSON object the upstream will receive (model mapped, `stream: true`);
+    `client_body` is what the client sent. Both are treated as immutable: change them with
+    `dataclasses.replace(exchange, upstream_body={**exchange.upstream_body, ...})`.
+    """
+
+    request_id: str
+    route: str
+    dialect: str
+    stream: bool
+    exposed_model: str
+    client_body: Mapping[str, Any]
+    upstream_body: Mapping[str, Any]
+    client_headers: Mapping[str, str] = field(default_factory=dict)
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)
+    client_key: str | None = field(default=None, repr=False)
+    attempt: int = 0
+    trace: Trace = field(default_factory=Trace, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response on its way back: `body` is bytes (a complete answer) or a lazy `Body`.
+
+    `from_upstream` marks the upstream's own answer, untranslated (raw bytes, lower-cased header
+    names). Stages pass a non-200 one through untouched so `retry` and `rate_limit` can act on
+    its status wherever they sit; the error boundary translates whatever is left (SPEC §4).
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | Body
+    from_upstream: bool = False
+
+    @classmethod
+    def json(cls, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> Reply:
+        return cls(
+            status, {"Content-Type": "application/json", **(headers or {})}, jsonutil.dumps(obj)
+        )
+
+    async def aclose(self) -> None:
+        """Close the body if it is a stream (idempotent: async generators allow repeated aclose)."""
+        if not isinstance(self.body, bytes):
+            await self.body.aclose()
+
+
+Next = Callable[[Exchange], Awaitable[Reply]]
+
+
+@runtime_checkable
+class Middleware(Protocol):
+    """A stage of the chain. `name` labels its options section, logs and metrics."""
+
+    name: str
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply: ...
+
+
+def fold(middlewares: Sequence[Middleware], endpoint: Next) -> Next:
+    """Fold the list once, first entry outermost."""
+    handler = endpoint
+    for middleware in reversed(middlewares):
+        handler = _bind(middleware, handler)
+    return handler
+
+
+def _bind(middleware: Middleware, call_next: Next) -> Next:
+    async def handler(exchange: Exchange) -> Reply:
+        return await middleware(exchange, call_next)
+
+    handler.__qualname__ = f"chain[{middleware.name}]"
+    return handler
+
+
+BuiltinFactory = Callable[[Config], Middleware]
+
+
+def _import_entry(entry: str, paths: Sequence[str]) -> Any:
+    module_name, _, attr = entry.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"middleware.chain: {entry!r} is neither a built-in nor 'module:attr'")
+    for path in paths:
+        resolved = str(Path(path).resolve())
+        if resolved not in sys.path:
+            sys.path.insert(0, resolved)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"middleware.chain: cannot import {entry!r}: {exc}") from None
+    try:
+        target = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ConfigError(f"middleware.chain: {entry!r}: no attribute {attr!r}") from None
+    return target
+
+
+def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> list[Middleware]:
+    """Instantiate `[middleware] chain` in order; every failure is a `ConfigError` naming it."""
+    section = config.middleware
+    built: list[Middleware] = []
+    used_options: set[str] = set()
+    for entry in section.chain:
+        if entry in builtins:
+            if entry in section.options:
+                raise ConfigError(
+                    f"middleware.{entry}: built-in options live in their own section [{entry}]"
+                )
+            middleware = builtins[entry](config)
+        else:
+            factory = _import_entry(entry, section.paths)
+            if not callable(factory):
+                raise ConfigError(f"middleware.chain: {entry!r} is not callable")
+            declared = getattr(factory, "name", None)
+            options = dict(section.options.get(declared, {})) if isinstance(declared, str) else {}
+            if isinstance(declared, str) and declared in section.options:
+                used_options.add(declared)
+            try:
+                inspect.signature(factory).bind(**options)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"middleware.{declared or entry}: bad options: {exc}") from None
+            try:
+                middleware = factory(**options)
+            except Exception as exc:
+                raise ConfigError(f"middleware.chain: {entry!r} failed to start: {exc}") from None
+        name = getattr(middleware, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"middleware.chain: {entry!r} has no string attribute 'name'")
+        if not isinstance(middleware, Middleware) or not inspect.iscoroutinefunction(
+            middleware.__call__
+        ):
+            raise ConfigError(
+                f"middleware.chain: {entry!r} is not a middleware "
+                "(it needs async __call__(exchange, call_next))"
+            )
+        if any(m.name == name for m in built):
+            raise ConfigError(f"middleware.chain: duplicate middleware name {name!r}")
+        built.append(middleware)
+    unused = set(section.options) - used_options
+    if unused:
+        raise ConfigError(
+            f"middleware.{sorted(unused)[0]}: options for a middleware not in the chain"
+        )
+    if sum(1 for m in built if m.name == "reframe") != 1:
+        raise ConfigError("middleware.chain: 'reframe' must appear exactly once")
+    return built

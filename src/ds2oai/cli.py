@@ -1,0 +1,142 @@
+"""Command line: `ds2oai serve` and `ds2oai check-config`. The only place that parses argv."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import multiprocessing
+import socket
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from ds2oai import __version__, logs
+from ds2oai.chain import build_middleware
+from ds2oai.config import Config, load_config
+from ds2oai.errors import ConfigError
+from ds2oai.middleware import BUILTINS
+from ds2oai.server import create_app
+
+__all__ = ["main"]
+
+log = logging.getLogger("ds2oai")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds2oai", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ds2oai {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="bind address (default from config/HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default from config/PORT, 8000)")
+    serve.add_argument("--config", help="TOML config file (default $DS2OAI_CONFIG)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_one(config: Config, sock: socket.socket | None) -> None:
+    logs.configure(config.logging.level)
+    app = create_app(config)
+    host, port = config.server.host, config.server.port
+
+    def ready(_message: object) -> None:
+        log.info("ready", extra={"host": host, "port": port})
+
+    web.run_app(
+        app,
+        host=None if sock else host,
+        port=None if sock else port,
+        sock=sock,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.server.shutdown_grace,
+        print=ready,
+        reuse_port=config.server.workers > 1 or None,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        server = config.server
+        if args.host:
+            server = dataclasses.replace(server, host=args.host)
+        if args.port is not None:
+            server = dataclasses.replace(server, port=args.port)
+        if args.workers is not None:
+            if args.workers < 1:
+                raise ConfigError("--workers: must be at least 1")
+            server = dataclasses.replace(server, workers=args.workers)
+        config = dataclasses.replace(config, server=server)
+        build_middleware(config, BUILTINS)  # refuse to start on a bad chain, before binding
+    except ConfigError as exc:
+        print(f"ds2oai: config error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.logging.level)
+    if not config.auth.api_keys and not _is_loopback(config.server.host):
+        log.warning(
+            "no [auth] api_keys configured and binding a non-loopback address: anyone who can "
+            "reach this port can use the upstream key",
+            extra={"host": config.server.host},
+        )
+    if config.server.workers == 1:
+        _serve_one(config, None)
+        return 0
+    # SO_REUSEPORT: each worker binds the same port; the kernel spreads connections.
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=_serve_one, args=(config, None), daemon=False)
+        for _ in range(config.server.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    except KeyboardInterrupt:
+        for worker in workers:
+            worker.join()
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+        build_middleware(config, BUILTINS)
+    except ConfigError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return check_config(args)

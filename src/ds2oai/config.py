@@ -1,0 +1,294 @@
+"""Configuration: TOML file + environment -> frozen dataclasses.
+
+Precedence: environment over file over built-in defaults. Unknown keys and wrong types are
+`ConfigError`s naming the key (`retry.max_retries: expected an integer`), so a typo stops
+start-up instead of being silently ignored. This module reads files and `os.environ` only;
+it does not import middleware (the chain loader in `chain.py` does that).
+"""
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+from ds2oai.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "LoggingConfig",
+    "MiddlewareConfig",
+    "ModelsConfig",
+    "RateLimitConfig",
+    "RetryConfig",
+    "Secret",
+    "ServerConfig",
+    "UpstreamConfig",
+    "load_config",
+]
+
+
+_T = TypeVar("_T")
+
+
+class Secret(str):
+    """A string whose repr never shows its value (keys end up in tracebacks otherwise)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    shutdown_grace: float = 10.0
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str = "http://127.0.0.1:9001"
+    read_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    max_connections: int = 4096
+    api_key: Secret = field(default=Secret(""), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_retries: int = 2
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    retry_after_cap: float = 30.0
+    deadline: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    default_retry_after: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    api_keys: tuple[Secret, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    default: str = "deepseek-chat"
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    native: tuple[str, ...] = (
+        "deepseek-chat",
+        "deepseek-reasoner",
+        "deepseek-v4-flash",
+        "deepseek-v4-pro",
+    )
+
+    def upstream_name(self, requested: str | None) -> str:
+        """The upstream model for a client's model name: alias, native name, else the default."""
+        if requested is None:
+            return self.default
+        alias = self.aliases.get(requested)
+        if alias is not None:
+            return alias
+        if requested in self.native:
+            return requested
+        return self.default
+
+    def exposed_names(self) -> list[str]:
+        names = [self.default, *self.aliases, *self.native]
+        return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class MiddlewareConfig:
+    chain: tuple[str, ...] = ("auth", "rate_limit", "retry", "reframe")
+    paths: tuple[str, ...] = (".",)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    middleware: MiddlewareConfig = field(default_factory=MiddlewareConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a dataclass field's type hint; return it in the field's type."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if hint is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string")
+        return Secret(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_convert(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        k_hint, v_hint = typing.get_args(hint)
+        return {
+            _convert(k, k_hint, key): _convert(v, v_hint, f"{key}.{k}") for k, v in value.items()
+        }
+    if origin in (Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - no such fields
+    raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _build_section(cls: type[_T], data: Mapping[str, Any], prefix: str) -> _T:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _middleware_section(data: Mapping[str, Any]) -> MiddlewareConfig:
+    plain = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    options = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    for key in plain:
+        if key not in ("chain", "paths"):
+            raise ConfigError(f"middleware.{key}: unknown key")
+    section = _build_section(MiddlewareConfig, plain, "middleware.")
+    return dataclasses.replace(section, options={k: dict(v) for k, v in options.items()})
+
+
+def _validate(config: Config) -> None:
+    s, u, r = config.server, config.upstream, config.retry
+    if not 0 <= s.port <= 65535:
+        raise ConfigError("server.port: must be 0..65535")
+    if s.max_body_bytes < 1024:
+        raise ConfigError("server.max_body_bytes: must be at least 1024")
+    if s.workers < 1:
+        raise ConfigError("server.workers: must be at least 1")
+    if not u.base_url.startswith(("http://", "https://")):
+        raise ConfigError("upstream.base_url: must start with http:// or https://")
+    for name in ("read_timeout", "connect_timeout"):
+        if getattr(u, name) <= 0:
+            raise ConfigError(f"upstream.{name}: must be positive")
+    if u.max_connections < 0:
+        raise ConfigError("upstream.max_connections: must be >= 0 (0 = unlimited)")
+    if r.max_retries < 0:
+        raise ConfigError("retry.max_retries: must be >= 0")
+    for name in ("base_delay", "max_delay", "retry_after_cap", "deadline"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"retry.{name}: must be >= 0")
+    if config.rate_limit.default_retry_after <= 0:
+        raise ConfigError("rate_limit.default_retry_after: must be positive")
+    if any(not k for k in config.auth.api_keys):
+        raise ConfigError("auth.api_keys: keys must not be empty strings")
+    if config.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("logging.level: one of debug, info, warning, error")
+    if not config.middleware.chain:
+        raise ConfigError("middleware.chain: must not be empty (it needs at least 'reframe')")
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "retry": RetryConfig,
+    "rate_limit": RateLimitConfig,
+    "auth": AuthConfig,
+    "models": ModelsConfig,
+    "logging": LoggingConfig,
+}
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a `Config` from parsed TOML (no environment applied)."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: unknown key (expected a [section])")
+        if name == "middleware":
+            sections[name] = _middleware_section(value)
+        elif name in _SECTIONS:
+            if name == "upstream" and "api_key" in value:
+                raise ConfigError(
+                    "upstream.api_key: set the key with DEEPSEEK_API_KEY, not the file"
+                )
+            sections[name] = _build_section(_SECTIONS[name], value, f"{name}.")
+        else:
+            raise ConfigError(f"{name}: unknown section")
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    upstream = config.upstream
+    if env.get("UPSTREAM_BASE_URL"):
+        upstream = dataclasses.replace(upstream, base_url=env["UPSTREAM_BASE_URL"])
+    if env.get("DEEPSEEK_API_KEY"):
+        upstream = dataclasses.replace(upstream, api_key=Secret(env["DEEPSEEK_API_KEY"]))
+    server = config.server
+    if env.get("HOST"):
+        server = dataclasses.replace(server, host=env["HOST"])
+    if env.get("PORT"):
+        try:
+            server = dataclasses.replace(server, port=int(env["PORT"]))
+        except ValueError:
+            raise ConfigError("PORT: expected an integer") from None
+    return dataclasses.replace(config, upstream=upstream, server=server)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read `path` (or `DS2OAI_CONFIG`) and apply the environment over it."""
+    env = os.environ if env is None else env
+    if path is None and env.get("DS2OAI_CONFIG"):
+        path = env["DS2OAI_CONFIG"]
+    data: Mapping[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    config = _apply_env(config_from_mapping(data), env)
+    _validate(config)
+    return config

@@ -1,0 +1,28 @@
+"""Dialects: sans-IO state machines from normalized upstream events to one wire format.
+
+A dialect is created per request, fed `UpstreamEvent`s in order, and returns the bytes to
+write for each (often `b""`). It has explicit terminal states: once `outcome` is set it emits
+nothing more. The reframe stage (middleware/reframe.py) drives it; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ds2oai.events import UpstreamEvent
+
+__all__ = ["OUTCOMES", "Dialect"]
+
+# Stream outcomes, as counted by metrics and written in logs.
+OUTCOMES = ("completed", "upstream_broken", "upstream_error", "timeout", "client_cancelled")
+
+
+class Dialect(Protocol):
+    media_type: str
+
+    @property
+    def outcome(self) -> str | None:
+        """None while the stream is open; one of OUTCOMES (except client_cancelled) after."""
+
+    def feed(self, event: UpstreamEvent) -> bytes:
+        """The bytes this event produces downstream (b"" for none). No-op after the end."""

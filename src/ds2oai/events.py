@@ -1,0 +1,155 @@
+"""The normalized event model between the upstream reader and the dialects.
+
+`parse_upstream_event()` turns one upstream SSE `data` payload into exactly one of `Chunk`,
+`UpstreamErrorEvent` or `Done`, or raises `MalformedChunk`; it tolerates missing or empty
+`choices`, `null` content and extra fields. The end of the upstream body and its failures
+are given to the dialects as `EndOfBody` and `StreamBroken`. Pure data; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ds2oai import jsonutil
+
+__all__ = [
+    "Chunk",
+    "Done",
+    "EndOfBody",
+    "MalformedChunk",
+    "StreamBroken",
+    "ToolCallDelta",
+    "UpstreamErrorEvent",
+    "UpstreamEvent",
+    "parse_upstream_event",
+]
+
+
+class MalformedChunk(ValueError):
+    """An upstream `data:` payload that is not a JSON object (skipped and logged, never fatal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One `chat.completion.chunk`, reduced to what the dialects use (`raw` keeps the rest)."""
+
+    id: str
+    created: int
+    model: str
+    role: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    has_choice: bool = True
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamErrorEvent:
+    """`data: {"error": {...}}` sent by the upstream inside a stream."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """`data: [DONE]`."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfBody:
+    """The upstream body ended cleanly (chunked terminator or EOF with a length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBroken:
+    """The upstream body broke: reset, truncation, silence (`timeout`)."""
+
+    message: str
+    timeout: bool = False
+
+
+UpstreamEvent = Chunk | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
+
+_DONE = Done()
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _tool_calls(value: Any) -> tuple[ToolCallDelta, ...]:
+    if not isinstance(value, list):
+        return ()
+    calls = []
+    for position, item in enumerate(value):
+        if not isinstance(item, dict):
+            continue
+        fn = item.get("function")
+        fn = fn if isinstance(fn, dict) else {}
+        index = item.get("index")
+        calls.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) and not isinstance(index, bool) else position,
+                id=_str_or_none(item.get("id")),
+                name=_str_or_none(fn.get("name")),
+                arguments=_str_or_none(fn.get("arguments")),
+            )
+        )
+    return tuple(calls)
+
+
+def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
+    """Normalize one upstream SSE data payload."""
+    if data.startswith("[DONE]"):
+        return _DONE
+    try:
+        obj = jsonutil.loads(data)
+    except jsonutil.JSONDecodeError:
+        raise MalformedChunk("upstream chunk is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise MalformedChunk("upstream chunk is not a JSON object")
+    error = obj.get("error")
+    if error:
+        if isinstance(error, dict):
+            code = error.get("code") or error.get("type") or "upstream_error"
+            message = error.get("message") or "Upstream reported an error"
+            return UpstreamErrorEvent(str(code), str(message))
+        return UpstreamErrorEvent("upstream_error", str(error))
+    choices = obj.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    delta: dict[str, Any] = {}
+    finish: str | None = None
+    if isinstance(choice, dict):
+        d = choice.get("delta")
+        if not isinstance(d, dict):
+            d = choice.get("message")  # tolerate a non-stream shaped chunk
+        delta = d if isinstance(d, dict) else {}
+        finish = _str_or_none(choice.get("finish_reason"))
+    usage = obj.get("usage")
+    created = obj.get("created")
+    return Chunk(
+        id=str(obj.get("id") or ""),
+        created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
+        model=str(obj.get("model") or ""),
+        role=_str_or_none(delta.get("role")),
+        content=_str_or_none(delta.get("content")),
+        reasoning=_str_or_none(delta.get("reasoning_content")),
+        tool_calls=_tool_calls(delta.get("tool_calls")),
+        finish_reason=finish,
+        usage=usage if isinstance(usage, dict) else None,
+        has_choice=isinstance(choice, dict),
+        raw=obj,
+    )

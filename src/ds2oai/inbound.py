@@ -1,0 +1,66 @@
+"""Client request validation and mapping to the upstream body, per route. Pure; no I/O.
+
+`chat_request()` checks what SPEC §4 lists for a Chat Completions body (a JSON object with a
+`messages` list, a boolean `stream`, a string `model`) and builds the upstream body: every
+field the client sent except those the gateway consumes itself, the model mapped through the
+alias table, `stream: true` (streaming and non-streaming answers share the upstream stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ds2oai import jsonutil
+from ds2oai.config import ModelsConfig
+from ds2oai.errors import ClientError
+
+__all__ = ["ChatRequest", "chat_request", "parse_json_body"]
+
+# Fields the gateway consumes or sets itself; everything else goes upstream untouched.
+_CONSUMED = frozenset({"model", "stream"})
+
+
+def _invalid(code: str, message: str, param: str | None = None) -> ClientError:
+    return ClientError(400, "invalid_request_error", code, message, param=param)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise _invalid("invalid_json", "The request body is empty; expected a JSON object")
+    try:
+        body = jsonutil.loads(raw)
+    except jsonutil.JSONDecodeError:
+        raise _invalid("invalid_json", "The request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _invalid("invalid_body", "The request body must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    stream: bool
+    exposed_model: str
+    upstream_body: Mapping[str, Any]
+
+
+def chat_request(body: Mapping[str, Any], models: ModelsConfig) -> ChatRequest:
+    messages = body.get("messages")
+    if messages is None:
+        raise _invalid("missing_messages", "'messages' is required", "messages")
+    if not isinstance(messages, list):
+        raise _invalid("invalid_messages", "'messages' must be a list", "messages")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _invalid("invalid_stream", "'stream' must be true or false", "stream")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("invalid_model", "'model' must be a string", "model")
+    exposed = model or models.default
+    upstream: dict[str, Any] = {k: v for k, v in body.items() if k not in _CONSUMED}
+    upstream["model"] = models.upstream_name(model or None)
+    upstream["stream"] = True
+    return ChatRequest(stream=stream, exposed_model=exposed, upstream_body=upstream)

@@ -1,0 +1,83 @@
+"""`retry` — retry failed upstream attempts before anything went downstream (`Retry`).
+
+Reads: connect errors raised by the endpoint and the upstream reply status. Retries connect
+errors and HTTP 429, 500, 502, 503, 504 up to `[retry] max_retries` extra times, with
+exponential backoff and full jitter (`uniform(0, min(max_delay, base_delay * 2**n))`), honouring
+`Retry-After`/`retry-after-ms` on every attempt (capped at `retry_after_cap`), all within
+`deadline` seconds. Every discarded reply is closed. Position: inside `rate_limit` and
+`reframe`: it only ever sees replies whose body nobody has read, so it cannot duplicate text.
+Fails: when out of attempts or time it returns the last reply / raises the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from ds2oai.chain import Exchange, Next, Reply
+from ds2oai.config import Config, RetryConfig
+from ds2oai.errors import UpstreamConnectError
+from ds2oai.upstream_errors import retry_after_value
+
+__all__ = ["RETRYABLE_STATUSES", "Retry"]
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class Retry:
+    name = "retry"
+
+    def __init__(
+        self,
+        config: RetryConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._sleep = sleep
+        self._rand = rand
+        self._clock = clock
+
+    @classmethod
+    def from_config(cls, config: Config) -> Retry:
+        return cls(config.retry)
+
+    def backoff(self, retries_done: int) -> float:
+        c = self._config
+        cap: float = min(c.max_delay, c.base_delay * (2.0**retries_done))
+        return self._rand() * cap
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        c = self._config
+        deadline = self._clock() + c.deadline
+        attempt = 0
+        while True:
+            current = dataclasses.replace(exchange, attempt=attempt)
+            reply: Reply | None = None
+            try:
+                reply = await call_next(current)
+            except UpstreamConnectError:
+                if attempt >= c.max_retries:
+                    raise
+                delay = self.backoff(attempt)
+                if self._clock() + delay > deadline:
+                    raise
+            else:
+                if reply.status not in RETRYABLE_STATUSES or attempt >= c.max_retries:
+                    return reply
+                delay = self.backoff(attempt)
+                hinted = retry_after_value(reply.headers, -1.0)
+                if hinted >= 0:
+                    if hinted > c.retry_after_cap:
+                        return reply  # the upstream asks for longer than we may wait
+                    delay = hinted
+                if self._clock() + delay > deadline:
+                    return reply
+                await reply.aclose()
+            attempt += 1
+            await self._sleep(delay)

@@ -1,0 +1,283 @@
+"""The HTTP server: routes, the error boundary and the sink. The only module importing aiohttp.web.
+
+A request becomes an `Exchange` (body read with a size limit, validated, mapped), runs through
+the chain folded once at start-up, and the resulting `Reply` is written by the sink: a complete
+body as one `web.Response`; a streamed body by pulling its first item *before* `prepare()` (so
+a failure up to then is still a plain HTTP error), then writing each item as it comes and
+draining, which makes a slow client slow the upstream read. A client that goes away cancels the
+handler (`handler_cancellation`), and closing the body closes the upstream connection at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ds2oai import __version__, jsonutil
+from ds2oai.chain import Exchange, Next, Reply, Trace, build_middleware, fold
+from ds2oai.config import Config
+from ds2oai.errors import ClientError, GatewayError
+from ds2oai.inbound import chat_request, parse_json_body
+from ds2oai.middleware import BUILTINS
+from ds2oai.upstream import UpstreamClient, read_limited
+from ds2oai.upstream_errors import client_error_for, error_from_upstream
+
+__all__ = ["CHAIN", "CONFIG", "UPSTREAM", "create_app"]
+
+log = logging.getLogger("ds2oai.server")
+access = logging.getLogger("ds2oai.access")
+
+CONFIG = web.AppKey("config", Config)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+CHAIN: web.AppKey[Next] = web.AppKey("chain")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID = web.RequestKey("request_id", str)
+_PREPARED = web.RequestKey("prepared", bool)
+_EXCHANGE = web.RequestKey("exchange", Exchange)
+
+# Client headers never copied anywhere: hop-by-hop and credentials.
+_DROP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "cookie",
+    }
+)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _error_response(error: ClientError, request_id: str) -> web.Response:
+    headers = {**error.headers, "X-Request-Id": request_id}
+    return web.Response(
+        status=error.status,
+        body=jsonutil.dumps(error.to_json()),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_boundary(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Outermost: every failure before the first byte becomes an OpenAI-style JSON error."""
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        error = client_error_for(exc)
+        status = error.status
+        return _error_response(error, request_id)
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status == 413:
+            code, message = "body_too_large", "The request body is larger than the limit"
+        elif exc.status == 405:
+            code, message = "method_not_allowed", f"Method {request.method} is not allowed here"
+        elif exc.status == 404:
+            code, message = "not_found", f"No route for {request.method} {request.path}"
+        else:
+            raise
+        err = ClientError(
+            exc.status, "invalid_request_error", code, message, headers=_allow_header(exc)
+        )
+        return _error_response(err, request_id)
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    except Exception:
+        if request.get(_PREPARED):
+            raise  # the stream already started: aiohttp drops the connection, never a fake end
+        log.exception("unhandled error", extra={"request_id": request_id})
+        status = 500
+        err = ClientError(500, "server_error", "internal_error", "Internal gateway error")
+        return _error_response(err, request_id)
+    finally:
+        _log_request(request, request_id, status, started)
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _log_request(request: web.Request, request_id: str, status: int, started: float) -> None:
+    exchange = request.get(_EXCHANGE)
+    entry: dict[str, Any] = {
+        "request_id": request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round((time.monotonic() - started) * 1000, 2),
+    }
+    if exchange is not None:
+        trace = exchange.trace
+        entry.update(
+            route=exchange.route,
+            model=exchange.exposed_model,
+            stream=exchange.stream,
+            outcome=trace.outcome,
+            attempts=trace.attempts,
+            upstream_statuses=trace.upstream_statuses,
+            key_id=trace.client_key_id,
+            prompt_tokens=trace.prompt_tokens,
+            completion_tokens=trace.completion_tokens,
+            malformed_chunks=trace.malformed_chunks or None,
+        )
+        if trace.first_token_at is not None:
+            entry["ttft_ms"] = round((trace.first_token_at - trace.started) * 1000, 2)
+    access.info("request", extra=entry)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ClientError(
+            413,
+            "invalid_request_error",
+            "body_too_large",
+            f"The request body is over {limit} bytes",
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ClientError(
+            413,
+            "invalid_request_error",
+            "body_too_large",
+            f"The request body is over {limit} bytes",
+        ) from None
+
+
+def _client_headers(request: web.Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+
+
+async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.StreamResponse:
+    """The sink: the only place that touches the aiohttp response."""
+    if reply.from_upstream:
+        # An upstream answer no stage translated (an error status): SPEC §4's table.
+        config = request.app[CONFIG]
+        raw = await read_limited(reply.body)
+        raise error_from_upstream(
+            reply.status,
+            reply.headers,
+            raw,
+            secrets=(config.upstream.api_key,),
+            default_retry_after=config.rate_limit.default_retry_after,
+        )
+    headers = {**reply.headers, "X-Request-Id": exchange.request_id}
+    if isinstance(reply.body, bytes):
+        return web.Response(status=reply.status, body=reply.body, headers=headers)
+    body = reply.body
+    trace = exchange.trace
+    try:
+        try:
+            first: bytes | None = await anext(body)
+        except StopAsyncIteration:
+            first = None
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        request[_PREPARED] = True
+        await response.prepare(request)
+        trace.first_byte_at = time.monotonic()
+        try:
+            if first:
+                await response.write(first)
+            async for data in body:
+                await response.write(data)
+            await response.write_eof()
+        except ConnectionError:
+            # The client went away mid-stream: stop reading upstream (finally closes it).
+            trace.outcome = "client_cancelled"
+        return response
+    except asyncio.CancelledError:
+        trace.outcome = "client_cancelled"
+        raise
+    finally:
+        await body.aclose()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    raw = await _read_body(request, config.server.max_body_bytes)
+    parsed = chat_request(parse_json_body(raw), config.models)
+    exchange = Exchange(
+        request_id=request[REQUEST_ID],
+        route="spec",
+        dialect="spec",
+        stream=parsed.stream,
+        exposed_model=parsed.exposed_model,
+        client_body={},
+        upstream_body=parsed.upstream_body,
+        client_headers=_client_headers(request),
+        trace=Trace(),
+    )
+    request[_EXCHANGE] = exchange
+    reply = await request.app[CHAIN](exchange)
+    return await _send(request, exchange, reply)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__}, dumps=_dumps)
+
+
+async def models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "ds2oai"}
+        for name in config.models.exposed_names()
+    ]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return jsonutil.dumps(obj).decode()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    client = UpstreamClient.create(config.upstream)
+    app[UPSTREAM] = client
+    endpoint: Next = client
+    app[CHAIN] = fold(build_middleware(config, BUILTINS), endpoint)
+    yield
+    await client.close()
+
+
+def create_app(config: Config) -> web.Application:
+    """The application; the chain is built (and validated) when the app starts."""
+    app = web.Application(
+        middlewares=[error_boundary],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/openai/v1/models", models)
+    return app

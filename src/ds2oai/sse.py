@@ -1,0 +1,149 @@
+"""Sans-IO Server-Sent Events: an incremental WHATWG decoder and the encoder we emit with.
+
+`SSEDecoder.feed(bytes)` returns the events and comments completed by those bytes; nothing
+here does I/O or imports aiohttp, so the same object serves the upstream reader, the tests
+and the benchmarks. Lines end at CR, LF or CRLF only (never `str.splitlines`, which would
+also split inside JSON strings at U+2028). There is no line-length limit; one event is capped
+at `max_event_bytes` so a hostile upstream cannot grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ds2oai.errors import SSEDecodeError
+
+__all__ = [
+    "SSEComment",
+    "SSEDecoder",
+    "SSEEvent",
+    "encode_comment",
+    "encode_data",
+    "encode_event",
+]
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event: `event` defaults to "message"; `id` is the last event id seen."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SSEComment:
+    """A comment line (`: keep-alive`); reported so callers can tell liveness from progress."""
+
+    text: str
+
+
+class SSEDecoder:
+    """Incremental decoder: `feed()` any split of the stream, `flush()` at the end of input."""
+
+    __slots__ = (
+        "_bom_checked",
+        "_buf",
+        "_data",
+        "_data_size",
+        "_event",
+        "_last_id",
+        "_max_event_bytes",
+        "_skip_lf",
+        "retry",
+    )
+
+    def __init__(self, *, max_event_bytes: int = 16 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._bom_checked = False
+        self._skip_lf = False  # the previous feed ended in CR: a leading LF belongs to that CRLF
+        self._data: list[bytes] = []
+        self._data_size = 0
+        self._event: str | None = None
+        self._last_id: str | None = None
+        self._max_event_bytes = max_event_bytes
+        self.retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
+        out: list[SSEEvent | SSEComment] = []
+        if not chunk:
+            return out
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buf = self._buf
+        buf += chunk
+        if not self._bom_checked:
+            if len(buf) < len(_BOM) and _BOM.startswith(bytes(buf)):
+                return out
+            self._bom_checked = True
+            if buf.startswith(_BOM):
+                del buf[: len(_BOM)]
+        start = 0
+        for match in _EOL.finditer(buf):
+            self._line(bytes(buf[start : match.start()]), out)
+            start = match.end()
+        if start:
+            if buf[start - 1] == 0x0D:  # CR at the very end: maybe the first half of CRLF
+                self._skip_lf = start == len(buf)
+            del buf[:start]
+        if len(buf) + self._data_size > self._max_event_bytes:
+            raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
+        return out
+
+    def flush(self) -> list[SSEEvent | SSEComment]:
+        """End of input. Per WHATWG, an event without its blank line is discarded."""
+        self._buf.clear()
+        self._data.clear()
+        self._data_size = 0
+        self._event = None
+        return []
+
+    def _line(self, line: bytes, out: list[SSEEvent | SSEComment]) -> None:
+        if not line:
+            if self._data:
+                data = b"\n".join(self._data).decode("utf-8", "replace")
+                out.append(SSEEvent(data, self._event or "message", self._last_id))
+            self._data = []
+            self._data_size = 0
+            self._event = None
+            return
+        if line[0] == 0x3A:  # ":" comment
+            out.append(SSEComment(line[1:].lstrip(b" ").decode("utf-8", "replace")))
+            return
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_event_bytes:
+                raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\x00" not in value:
+                self._last_id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self.retry = int(value)
+        # any other field name is ignored, as the standard says
+
+
+def encode_event(event: str, data: bytes) -> bytes:
+    """`event: <name>` + one `data:` line + blank line; `data` must hold no CR or LF."""
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def encode_data(data: bytes) -> bytes:
+    """A bare `data:` event (chat-completion chunks carry no `event:` line)."""
+    return b"data: " + data + b"\n\n"
+
+
+def encode_comment(text: str = "keep-alive") -> bytes:
+    return b": " + text.encode() + b"\n\n"

@@ -1,0 +1,187 @@
+"""Translate a non-streaming upstream answer into the `ClientError` the client receives.
+
+Used by the reframe stage (every status) and the rate-limit translator (429) once the upstream
+has answered with something other than an SSE stream. The table is SPEC §4; upstream messages
+are kept, but bounded and with anything key-like removed, and never for 401/403 (those are the
+gateway's own credentials). Pure functions; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from ds2oai import jsonutil
+from ds2oai.errors import (
+    ClientError,
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamStreamError,
+    UpstreamTimeoutError,
+)
+
+__all__ = [
+    "BROKEN_MESSAGE",
+    "CUT_MESSAGE",
+    "MAX_MESSAGE",
+    "broken_error",
+    "client_error_for",
+    "error_from_upstream",
+    "retry_after_value",
+    "sanitize_message",
+    "upstream_error_fields",
+    "upstream_event_error",
+]
+
+MAX_MESSAGE = 500
+_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|\*{2,}[A-Za-z0-9]{2,})")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def sanitize_message(message: str, secrets: tuple[str, ...] = ()) -> str:
+    """Bound the length, drop control characters and anything that looks like a key."""
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+    message = _KEYLIKE.sub("[redacted]", message)
+    message = _CONTROL.sub(" ", message)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    return message
+
+
+def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, bool]:
+    """(code, message, is_json) from an upstream error body, whatever its shape."""
+    try:
+        obj: Any = jsonutil.loads(body.strip() or b"null")
+    except jsonutil.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return None, text or None, False
+    if isinstance(obj, dict):
+        error = obj.get("error", obj)
+        if isinstance(error, dict):
+            code = error.get("code")
+            message = error.get("message")
+            return (
+                str(code) if code is not None else None,
+                str(message) if message is not None else None,
+                True,
+            )
+        if isinstance(error, str):
+            return None, error, True
+    return None, None, obj is not None
+
+
+def error_from_upstream(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    secrets: tuple[str, ...] = (),
+    default_retry_after: float = 1.0,
+) -> ClientError:
+    """The SPEC §4 row for an upstream answer with `status` that is not a usable stream."""
+    code, message, _is_json = upstream_error_fields(body)
+    clean = sanitize_message(message, secrets) if message else None
+    if status in (401, 403):
+        return ClientError(
+            502,
+            "upstream_connection_error",
+            "upstream_auth",
+            "The upstream rejected the gateway's credentials",
+        )
+    if status == 429:
+        retry_after = retry_after_value(headers, default_retry_after)
+        seconds = max(1, round(retry_after + 0.499))  # Retry-After takes whole seconds, round up
+        return ClientError(
+            429,
+            "rate_limit_error",
+            "rate_limit",
+            clean or "The upstream rate limit was reached",
+            headers={"Retry-After": str(seconds), "retry-after-ms": str(int(retry_after * 1000))},
+        )
+    if status == 402:
+        return ClientError(
+            402,
+            "insufficient_quota",
+            "insufficient_balance",
+            clean or "The upstream account has insufficient balance",
+            headers={"x-should-retry": "false"},
+        )
+    if status in (400, 422):
+        return ClientError(
+            status,
+            "invalid_request_error",
+            code or "invalid_request_error",
+            clean or "The upstream rejected the request",
+        )
+    if status == 404:
+        return ClientError(
+            502,
+            "upstream_connection_error",
+            "upstream_status_404",
+            clean or "The upstream has no such endpoint",
+        )
+    return ClientError(
+        502,
+        "upstream_connection_error",
+        f"upstream_status_{status}",
+        clean or f"The upstream answered HTTP {status}",
+    )
+
+
+def retry_after_value(headers: Mapping[str, str], default: float) -> float:
+    """Seconds from `retry-after-ms` or `retry-after` (delta seconds); `default` if absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if seconds:
+        try:
+            value = float(seconds)
+            if value >= 0:
+                return value
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(seconds).timestamp()
+                return max(0.0, when - time.time())
+            except (TypeError, ValueError):
+                pass
+    return default
+
+
+BROKEN_MESSAGE = "Upstream SSE connection closed unexpectedly"
+CUT_MESSAGE = "The upstream stopped the answer early: insufficient system resource"
+
+
+def broken_error(message: str = BROKEN_MESSAGE, *, timeout: bool = False) -> ClientError:
+    """The HTTP error for a stream that broke before the client received anything."""
+    if timeout:
+        return ClientError(504, "upstream_connection_error", "upstream_timeout", message)
+    return ClientError(502, "upstream_connection_error", "upstream_stream_broken", message)
+
+
+def upstream_event_error(code: str, message: str, secrets: tuple[str, ...] = ()) -> ClientError:
+    """The HTTP error for an upstream `{"error": ...}` event before anything was sent."""
+    return ClientError(502, "upstream_error", code, sanitize_message(message, secrets))
+
+
+def client_error_for(exc: GatewayError) -> ClientError:
+    """The HTTP error for any ds2oai error that reached the boundary before the first byte."""
+    if isinstance(exc, ClientError):
+        return exc
+    if isinstance(exc, UpstreamConnectError):
+        return ClientError(502, "upstream_connection_error", "connect_failed", str(exc))
+    if isinstance(exc, UpstreamTimeoutError):
+        return ClientError(504, "upstream_connection_error", "upstream_timeout", str(exc))
+    if isinstance(exc, UpstreamStreamError):
+        return broken_error(exc.message, timeout=exc.timeout)
+    return ClientError(500, "server_error", "internal_error", "Internal gateway error")

@@ -1,0 +1,127 @@
+"""Shared fixtures: the real mock upstream process, the fault-injecting upstream, the gateway.
+
+The gateway runs in-process on a real socket (pytest-aiohttp's `aiohttp_server`, which enables
+handler cancellation as `ds2oai serve` does); upstreams are a real uvicorn process running
+`mock_upstream/` or the raw-asyncio `FaultUpstream`. Clients are plain aiohttp sessions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from ds2oai.config import Config, Secret, config_from_mapping
+from ds2oai.server import create_app
+from tests.fault_upstream import FaultUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GatewayFactory = Callable[..., Awaitable[TestServer]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mock_upstream_url() -> Iterator[str]:
+    """The bundled mock upstream, started as its README says (uvicorn), on a free port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "mock_deepseek_sse:app",
+            "--app-dir",
+            str(ROOT / "mock_upstream"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "critical",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A config for tests: fast retries by default, any section overridable."""
+    data: dict[str, Any] = {
+        "upstream": {"base_url": upstream_url, "read_timeout": 5.0, "connect_timeout": 2.0},
+        "retry": {"base_delay": 0.01, "max_delay": 0.05, "deadline": 10.0},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return config_from_mapping(data)
+
+
+@pytest.fixture
+async def fault_upstream() -> AsyncIterator[FaultUpstream]:
+    async with FaultUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def gateway(aiohttp_server: Any) -> GatewayFactory:
+    """`await gateway(upstream_url, retry={...}, ...)` -> a started TestServer."""
+
+    async def start(
+        upstream_url: str, *, api_key: str = "", **sections: dict[str, Any]
+    ) -> TestServer:
+        config = make_config(upstream_url, **sections)
+        if api_key:
+            upstream = dataclasses.replace(config.upstream, api_key=Secret(api_key))
+            config = dataclasses.replace(config, upstream=upstream)
+        server: TestServer = await aiohttp_server(create_app(config))
+        return server
+
+    return start
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.pop("DS2OAI_CONFIG", None)
