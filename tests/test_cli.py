@@ -1,0 +1,120 @@
+"""`ds2oai serve` and `ds2oai check-config` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import ROOT, free_port, wait_http
+from tests.sse_client import parse_events, spec_text
+
+UPSTREAM_KEY = "sk-upstream-PLANTED-7f3a9c"
+CLIENT_KEY = "client-PLANTED-b81e44"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ds2oai", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def test_check_config_accepts_the_example_file() -> None:
+    result = run_cli("check-config", str(ROOT / "ds2oai.example.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[retry]\nmax_retrys = 3\n")
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 1
+    assert "retry.max_retrys" in result.stderr
+
+
+def test_check_config_names_a_bad_chain_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[middleware]\nchain = ["auth", "nosuch.module:Thing", "reframe"]\n')
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 1
+    assert "nosuch.module:Thing" in result.stderr
+
+
+def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[upstream]\nread_timeout = 'soon'\n")
+    result = run_cli("serve", "--port", str(free_port()), "--config", str(bad))
+    assert result.returncode == 2
+    assert "upstream.read_timeout" in result.stderr
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    script = Path(sys.executable).parent / "ds2oai"
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout.startswith("ds2oai ")
+    assert run_cli("--version").stdout == result.stdout
+
+
+async def test_served_gateway_streams_and_never_logs_keys(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[auth]\napi_keys = ["{CLIENT_KEY}"]\n')
+    port = free_port()
+    env = {
+        **os.environ,
+        "UPSTREAM_BASE_URL": mock_upstream_url,
+        "DEEPSEEK_API_KEY": UPSTREAM_KEY,
+        "DS2OAI_CONFIG": str(config),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds2oai", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        async with aiohttp.ClientSession() as client:
+            for mode in ("normal", "stream_error", "rate_limit", "server_error"):
+                payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+                async with client.post(
+                    url, json={**payload, "test_mode": mode}, headers=auth
+                ) as resp:
+                    raw = await resp.read()
+                    assert UPSTREAM_KEY.encode() not in raw
+                    assert CLIENT_KEY.encode() not in raw
+                    if mode == "normal":
+                        assert spec_text(parse_events(raw)).startswith("Hello")
+            async with client.post(
+                url, json={"messages": []}, headers={"Authorization": "Bearer wrong"}
+            ) as resp:
+                assert resp.status == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    output = out + err
+    assert UPSTREAM_KEY.encode() not in output
+    assert CLIENT_KEY.encode() not in output
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    requests = [e for e in lines if e.get("path") == "/v1/chat/completions"]
+    assert len(requests) == 5
+    assert all(entry["request_id"] for entry in requests)
+    assert [entry["status"] for entry in requests] == [200, 200, 429, 502, 401]

@@ -1,0 +1,126 @@
+"""Client input checks and client auth, end to end (SPEC §4, first rows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.fault_upstream import FaultUpstream
+from tests.sse_client import read_events, spec_text
+
+
+async def post_raw(
+    client: aiohttp.ClientSession, url: Any, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with client.post(url, data=data, headers=headers or {}) as resp:
+        assert resp.content_type == "application/json"
+        return resp.status, (await resp.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"", "invalid_json"),
+        (b"[1, 2]", "invalid_body"),
+        (b'{"model": "deepseek-chat"}', "missing_messages"),
+        (b'{"messages": "hi"}', "invalid_messages"),
+        (b'{"messages": [], "stream": "yes"}', "invalid_stream"),
+        (b'{"messages": [], "model": 5}', "invalid_model"),
+    ],
+)
+async def test_bad_bodies_are_400_naming_the_check(
+    data: bytes,
+    code: str,
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    server = await gateway(fault_upstream.url)
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), data)
+    assert (status, error["type"], error["code"]) == (400, "invalid_request_error", code)
+    assert fault_upstream.requests == []
+
+
+async def test_body_over_the_limit_is_413(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url, server={"max_body_bytes": 2048})
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), big)
+    assert (status, error["code"]) == (413, "body_too_large")
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url, server={"max_body_bytes": 2048})
+
+    async def gen() -> Any:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    async with client.post(server.make_url("/v1/chat/completions"), data=gen()) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_wrong_method_is_405_json(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url)
+    async with client.get(server.make_url("/v1/chat/completions")) as resp:
+        assert resp.status == 405
+        assert "POST" in resp.headers["Allow"]
+        error = (await resp.json())["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed")
+
+
+async def test_unknown_route_is_404_json(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url)
+    async with client.post(server.make_url("/v2/nothing"), json={}) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic abc"}],
+)
+async def test_missing_or_wrong_client_key_is_401(
+    headers: dict[str, str],
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    server = await gateway(fault_upstream.url, auth={"api_keys": ["k-one", "k-two"]})
+    data = b'{"messages": [], "stream": true}'
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), data, headers)
+    assert (status, error["type"], error["code"]) == (
+        401,
+        "authentication_error",
+        "invalid_api_key",
+    )
+    assert "k-one" not in error["message"]
+    assert fault_upstream.requests == []
+
+
+async def test_right_client_key_passes_and_is_not_forwarded(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(
+        fault_upstream.url, api_key="sk-gateway", auth={"api_keys": ["k-one", "k-two"]}
+    )
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"messages": [], "stream": True},
+        headers={"Authorization": "Bearer k-two"},
+    ) as resp:
+        assert resp.status == 200
+        assert spec_text(await read_events(resp)) == "Hello world"
+    assert fault_upstream.requests[0].headers["authorization"] == "Bearer sk-gateway"
