@@ -125,3 +125,43 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("DS2OAI_CONFIG", None)
+
+
+CLIENT_KEY = "sk-test-client-key"
+
+
+@pytest.fixture(scope="session")
+def served_gateway(
+    mock_upstream_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`ds2oai serve` as a real process in front of the mock upstream; yields its base URL.
+
+    Needed where the client is synchronous (the official SDK's `OpenAI`), which would block an
+    in-process gateway's event loop.
+    """
+    tmp = tmp_path_factory.mktemp("served")
+    config = tmp / "gateway.toml"
+    config.write_text(
+        f'[auth]\napi_keys = ["{CLIENT_KEY}"]\n'
+        "[retry]\nbase_delay = 0.01\nmax_delay = 0.02\n"
+        '[models]\naliases = { "gpt-4.1-compatible" = "deepseek-chat" }\n'
+    )
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url, "DS2OAI_CONFIG": str(config)}
+    env.pop("DEEPSEEK_API_KEY", None)
+    log = open(tmp / "gateway.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds2oai", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -221,17 +221,18 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         await body.aclose()
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     config = request.app[CONFIG]
     raw = await _read_body(request, config.server.max_body_bytes)
-    parsed = chat_request(parse_json_body(raw), config.models)
+    client_body = parse_json_body(raw)
+    parsed = chat_request(client_body, config.models)
     exchange = Exchange(
         request_id=request[REQUEST_ID],
-        route="spec",
-        dialect="spec",
+        route=dialect,
+        dialect=dialect,
         stream=parsed.stream,
         exposed_model=parsed.exposed_model,
-        client_body={},
+        client_body=client_body,
         upstream_body=parsed.upstream_body,
         client_headers=_client_headers(request),
         trace=Trace(),
@@ -239,6 +240,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request[_EXCHANGE] = exchange
     reply = await request.app[CHAIN](exchange)
     return await _send(request, exchange, reply)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """SPEC §3: the gateway's own named-event dialect."""
+    return await _chat_like(request, "spec")
+
+
+async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
+    """SPEC §5: the official `chat.completion.chunk` stream for unmodified OpenAI SDKs."""
+    return await _chat_like(request, "chat")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -277,6 +288,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app.cleanup_ctx.append(_upstream_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/openai/v1/models", models)

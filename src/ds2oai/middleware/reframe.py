@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ds2oai.chain import Body, Exchange, Next, Reply
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
+from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.completion import CompletionCollector
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.errors import ClientError, SSEDecodeError, UpstreamStreamError
@@ -43,8 +45,17 @@ log = logging.getLogger("ds2oai.reframe")
 
 DialectFactory = Callable[[Exchange], Dialect]
 
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
 DIALECTS: dict[str, DialectFactory] = {
     "spec": lambda exchange: SpecDialect(exchange.exposed_model),
+    "chat": lambda exchange: ChatDialect(
+        exchange.exposed_model, include_usage=_include_usage(exchange.client_body)
+    ),
 }
 
 _STREAM_HEADERS = {

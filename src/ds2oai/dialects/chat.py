@@ -1,0 +1,158 @@
+"""The OpenAI Chat Completions stream dialect (`chat.completion.chunk`), for unmodified SDKs.
+
+Bare `data: <json>` lines (no `event:`, `id:` or `retry:` lines), ending with `data: [DONE]`.
+Each upstream chunk becomes one OpenAI chunk: the exposed model name, `role` only in the first
+delta, `content`, `reasoning_content` and tool-call fragments passed on. Usage follows the
+OpenAI rule: only when the client asked (`stream_options.include_usage`), every chunk then has
+`"usage": null` and one extra `choices: []` chunk carries the totals right before `[DONE]`.
+
+States: WAITING -> STREAMING -> FINISHING (finish_reason forwarded; waiting for `[DONE]` or
+the end of the body, usage may still arrive) -> ENDED. A failure after the first byte is a
+final `data: {"error": {...}}` chunk (the SDK raises `APIError` on it), then `[DONE]`.
+`insufficient_system_resource` is such an error: a cut answer is never a success.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from ds2oai import jsonutil
+from ds2oai.events import Chunk, Done, EndOfBody, StreamBroken, UpstreamErrorEvent, UpstreamEvent
+from ds2oai.sse import encode_data
+from ds2oai.upstream_errors import BROKEN_MESSAGE, CUT_MESSAGE
+
+__all__ = ["ChatDialect"]
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class _State(enum.Enum):
+    WAITING = 0
+    STREAMING = 1
+    FINISHING = 2
+    ENDED = 3
+
+
+class ChatDialect:
+    media_type = "text/event-stream"
+
+    __slots__ = (
+        "_created",
+        "_fingerprint",
+        "_id",
+        "_include_usage",
+        "_model",
+        "_outcome",
+        "_state",
+        "_usage",
+    )
+
+    def __init__(self, exposed_model: str, *, include_usage: bool = False) -> None:
+        self._model = exposed_model
+        self._include_usage = include_usage
+        self._state = _State.WAITING
+        self._id = ""
+        self._created = 0
+        self._fingerprint: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._outcome: str | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        return self._outcome
+
+    def feed(self, event: UpstreamEvent) -> bytes:
+        if self._state is _State.ENDED:
+            return b""
+        if isinstance(event, Chunk):
+            return self._chunk(event)
+        if isinstance(event, Done | EndOfBody):
+            if self._state is _State.FINISHING:
+                return self._completed()
+            return self._error("upstream_broken", "upstream_stream_broken", BROKEN_MESSAGE)
+        if isinstance(event, UpstreamErrorEvent):
+            return self._error("upstream_error", "upstream_error", event.message, event.code)
+        if isinstance(event, StreamBroken):
+            if self._state is _State.FINISHING:
+                return self._completed()
+            if event.timeout:
+                return self._error("timeout", "upstream_stream_broken", event.message, "timeout")
+            return self._error("upstream_broken", "upstream_stream_broken", event.message)
+        raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "system_fingerprint": self._fingerprint,
+            "choices": choices,
+        }
+        if self._include_usage:
+            obj["usage"] = None
+        return obj
+
+    def _chunk(self, chunk: Chunk) -> bytes:
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        first = self._state is _State.WAITING
+        if first:
+            self._id = chunk.id
+            self._created = chunk.created
+            fp = chunk.raw.get("system_fingerprint")
+            self._fingerprint = fp if isinstance(fp, str) else None
+            self._state = _State.STREAMING
+        if self._state is _State.FINISHING or not chunk.has_choice:
+            return b""  # usage-only chunks are re-emitted in OpenAI form at the end
+        finish = chunk.finish_reason
+        if finish == "insufficient_system_resource":
+            return self._error(
+                "upstream_error", "upstream_error", CUT_MESSAGE, "insufficient_system_resource"
+            )
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = chunk.role or "assistant"
+            delta["content"] = chunk.content if chunk.content is not None else ""
+        elif chunk.content is not None:
+            delta["content"] = chunk.content
+        if chunk.reasoning is not None:
+            delta["reasoning_content"] = chunk.reasoning
+        if chunk.tool_calls:
+            calls = []
+            for call in chunk.tool_calls:
+                item: dict[str, Any] = {"index": call.index}
+                if call.id is not None:
+                    item["id"] = call.id
+                    item["type"] = "function"
+                function: dict[str, str] = {}
+                if call.name is not None:
+                    function["name"] = call.name
+                if call.arguments is not None:
+                    function["arguments"] = call.arguments
+                item["function"] = function
+                calls.append(item)
+            delta["tool_calls"] = calls
+        if not delta and finish is None:
+            return b""
+        if finish is not None:
+            self._state = _State.FINISHING
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return encode_data(jsonutil.dumps(self._envelope([choice])))
+
+    def _completed(self) -> bytes:
+        self._state = _State.ENDED
+        self._outcome = "completed"
+        out = b""
+        if self._include_usage and self._usage is not None:
+            obj = self._envelope([])
+            obj["usage"] = self._usage
+            out = encode_data(jsonutil.dumps(obj))
+        return out + _DONE
+
+    def _error(self, outcome: str, type_: str, message: str, code: str | None = None) -> bytes:
+        self._state = _State.ENDED
+        self._outcome = outcome
+        error = {"message": message, "type": type_, "param": None, "code": code or type_}
+        return encode_data(jsonutil.dumps({"error": error})) + _DONE
