@@ -127,6 +127,8 @@ def _allow_header(exc: web.HTTPException) -> dict[str, str]:
 
 
 def _log_request(request: web.Request, request_id: str, status: int, started: float) -> None:
+    if not request.app[CONFIG].logging.access_log:
+        return
     exchange = request.get(_EXCHANGE)
     entry: dict[str, Any] = {
         "request_id": request_id,
