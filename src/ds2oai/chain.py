@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from ds2oai import jsonutil
 from ds2oai.config import Config
 from ds2oai.errors import ConfigError
+from ds2oai.metrics import MIDDLEWARE_SECONDS
 
 __all__ = [
     "Body",
@@ -55,6 +56,7 @@ class Trace:
     outcome: str | None = None
     first_byte_at: float | None = None
     first_token_at: float | None = None
+    first_comment_at: float | None = None
     queue_wait: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -78,11 +80,16 @@ class Exchange:
     exposed_model: str
     client_body: Mapping[str, Any]
     upstream_body: Mapping[str, Any]
-    client_headers: Mapping[str, str] = field(default_factory=dict)
+    client_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     client_key: str | None = field(default=None, repr=False)
     attempt: int = 0
     trace: Trace = field(default_factory=Trace, compare=False)
+    # Route-specific state the dialect factory reads (e.g. a stored-responses session).
+    context: Any = field(default=None, compare=False, repr=False)
+    # Awaited by `reframe` once the answer reached its terminal state, before the last bytes
+    # go out (so a stored response is retrievable as soon as the client sees the end).
+    on_end: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +139,14 @@ def fold(middlewares: Sequence[Middleware], endpoint: Next) -> Next:
 
 
 def _bind(middleware: Middleware, call_next: Next) -> Next:
+    timer = MIDDLEWARE_SECONDS.labels(middleware.name)
+
     async def handler(exchange: Exchange) -> Reply:
-        return await middleware(exchange, call_next)
+        started = time.perf_counter()
+        try:
+            return await middleware(exchange, call_next)
+        finally:
+            timer.observe(time.perf_counter() - started)
 
     handler.__qualname__ = f"chain[{middleware.name}]"
     return handler

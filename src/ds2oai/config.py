@@ -50,6 +50,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_grace: float = 10.0
     workers: int = 1
+    keepalive_interval: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("server.port: must be 0..65535")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    if s.keepalive_interval < 0:
+        raise ConfigError("server.keepalive_interval: must be >= 0 (0 = off)")
     if s.workers < 1:
         raise ConfigError("server.workers: must be at least 1")
     if not u.base_url.startswith(("http://", "https://")):

@@ -54,12 +54,14 @@ class SSEDecoder:
         "_event",
         "_last_id",
         "_max_event_bytes",
+        "_scan",
         "_skip_lf",
         "retry",
     )
 
     def __init__(self, *, max_event_bytes: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
+        self._scan = 0  # bytes of _buf already searched for a line end (none found there)
         self._bom_checked = False
         self._skip_lf = False  # the previous feed ended in CR: a leading LF belongs to that CRLF
         self._data: list[bytes] = []
@@ -86,13 +88,15 @@ class SSEDecoder:
             if buf.startswith(_BOM):
                 del buf[: len(_BOM)]
         start = 0
-        for match in _EOL.finditer(buf):
+        for match in _EOL.finditer(buf, self._scan):
             self._line(bytes(buf[start : match.start()]), out)
             start = match.end()
         if start:
             if buf[start - 1] == 0x0D:  # CR at the very end: maybe the first half of CRLF
                 self._skip_lf = start == len(buf)
             del buf[:start]
+        # What is left holds no line end (a trailing CR was consumed above): never rescan it.
+        self._scan = len(buf)
         if len(buf) + self._data_size > self._max_event_bytes:
             raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
         return out
@@ -100,6 +104,7 @@ class SSEDecoder:
     def flush(self) -> list[SSEEvent | SSEComment]:
         """End of input. Per WHATWG, an event without its blank line is discarded."""
         self._buf.clear()
+        self._scan = 0
         self._data.clear()
         self._data_size = 0
         self._event = None
@@ -130,7 +135,7 @@ class SSEDecoder:
         elif name == b"id":
             if b"\x00" not in value:
                 self._last_id = value.decode("utf-8", "replace")
-        elif name == b"retry" and value.isdigit():
+        elif name == b"retry" and value.isdigit() and len(value) <= 10:
             self.retry = int(value)
         # any other field name is ignored, as the standard says
 

@@ -17,6 +17,7 @@ from ds2oai import jsonutil
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import UpstreamConfig
 from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
+from ds2oai.metrics import ATTEMPTS
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
 __all__ = ["UpstreamClient", "read_limited"]
@@ -83,18 +84,23 @@ class UpstreamClient:
                 allow_redirects=False,
             )
         except aiohttp.ConnectionTimeoutError:
+            ATTEMPTS.labels("connect_error").inc()
             raise UpstreamConnectError("Timed out connecting to the upstream") from None
         except (aiohttp.ServerTimeoutError, TimeoutError):
+            ATTEMPTS.labels("timeout").inc()
             raise UpstreamTimeoutError(
                 f"The upstream sent no response within {self._read_timeout:g} s"
             ) from None
         except aiohttp.ClientConnectorError as exc:
+            ATTEMPTS.labels("connect_error").inc()
             raise UpstreamConnectError(f"Cannot connect to the upstream ({exc.os_error})") from None
         except (aiohttp.ClientError, OSError) as exc:
+            ATTEMPTS.labels("connect_error").inc()
             raise UpstreamConnectError(
                 f"Upstream connection failed before a response ({type(exc).__name__})"
             ) from None
         exchange.trace.upstream_statuses.append(response.status)
+        ATTEMPTS.labels(str(response.status)).inc()
         reply_headers = {k.lower(): v for k, v in response.headers.items()}
         return Reply(response.status, reply_headers, self._body(response), from_upstream=True)
 

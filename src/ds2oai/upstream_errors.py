@@ -8,6 +8,7 @@ gateway's own credentials). Pure functions; no I/O.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -139,7 +140,7 @@ def retry_after_value(headers: Mapping[str, str], default: float) -> float:
     if ms:
         try:
             value = float(ms) / 1000
-            if value >= 0:
+            if math.isfinite(value) and value >= 0:
                 return value
         except ValueError:
             pass
@@ -147,7 +148,7 @@ def retry_after_value(headers: Mapping[str, str], default: float) -> float:
     if seconds:
         try:
             value = float(seconds)
-            if value >= 0:
+            if math.isfinite(value) and value >= 0:
                 return value
         except ValueError:
             try:

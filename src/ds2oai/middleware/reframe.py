@@ -7,16 +7,20 @@ decoded incrementally (`sse.SSEDecoder`), normalized (`events.parse_upstream_eve
 the exchange's dialect, yielding one write per upstream read. A failure before the first
 downstream byte is raised as a `ClientError` (a plain HTTP error); after it, the dialect ends
 the stream with its terminal error event. Non-JSON chunks are skipped and logged with the
-request id. `"stream": false` collects the whole answer into one JSON object.
+request id. `"stream": false` collects the whole answer into one JSON object. While the upstream
+is silent before the first event (DeepSeek queues requests, sending `: keep-alive`), SSE comment
+lines go downstream every `server.keepalive_interval` seconds so proxies do not cut the client.
 Position: anywhere after `auth` (the default chain has it innermost). Required exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from ds2oai.chain import Body, Exchange, Next, Reply
 from ds2oai.config import Config
@@ -35,15 +39,42 @@ from ds2oai.events import (
     UpstreamEvent,
     parse_upstream_event,
 )
-from ds2oai.sse import SSEComment, SSEDecoder
+from ds2oai.metrics import QUEUE_WAIT
+from ds2oai.sse import SSEComment, SSEDecoder, encode_comment
 from ds2oai.upstream import read_limited
-from ds2oai.upstream_errors import broken_error, error_from_upstream, upstream_event_error
+from ds2oai.upstream_errors import (
+    broken_error,
+    error_from_upstream,
+    sanitize_message,
+    upstream_event_error,
+)
 
-__all__ = ["DIALECTS", "Reframe"]
+__all__ = ["COLLECTORS", "DIALECTS", "Collector", "DialectSource", "Reframe"]
 
 log = logging.getLogger("ds2oai.reframe")
 
+
+class Collector(Protocol):
+    """Non-streaming counterpart of a dialect: accumulate, then `result()` or raise."""
+
+    @property
+    def ended(self) -> bool: ...
+
+    def feed(self, event: UpstreamEvent) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class DialectSource(Protocol):
+    """An `Exchange.context` that builds its own dialect (routes with per-request state)."""
+
+    def make_dialect(self) -> Dialect: ...
+
+    def make_collector(self) -> Collector: ...
+
+
 DialectFactory = Callable[[Exchange], Dialect]
+CollectorFactory = Callable[[Exchange], Collector]
 
 
 def _include_usage(body: Mapping[str, Any]) -> bool:
@@ -51,11 +82,28 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
+def _from_context_dialect(exchange: Exchange) -> Dialect:
+    source: DialectSource = exchange.context
+    return source.make_dialect()
+
+
+def _from_context_collector(exchange: Exchange) -> Collector:
+    source: DialectSource = exchange.context
+    return source.make_collector()
+
+
 DIALECTS: dict[str, DialectFactory] = {
     "spec": lambda exchange: SpecDialect(exchange.exposed_model),
     "chat": lambda exchange: ChatDialect(
         exchange.exposed_model, include_usage=_include_usage(exchange.client_body)
     ),
+    "responses": _from_context_dialect,
+}
+
+COLLECTORS: dict[str, CollectorFactory] = {
+    "spec": lambda exchange: CompletionCollector(exchange.exposed_model),
+    "chat": lambda exchange: CompletionCollector(exchange.exposed_model),
+    "responses": _from_context_collector,
 }
 
 _STREAM_HEADERS = {
@@ -65,43 +113,58 @@ _STREAM_HEADERS = {
 }
 
 
+async def _next(body: Body) -> bytes | None:
+    """The next upstream read, or None at the end of the body."""
+    try:
+        return await anext(body)
+    except StopAsyncIteration:
+        return None
+
+
 class Reframe:
     name = "reframe"
 
     def __init__(
         self,
         dialects: Mapping[str, DialectFactory] | None = None,
+        collectors: Mapping[str, CollectorFactory] | None = None,
+        *,
         secrets: tuple[str, ...] = (),
+        keepalive_interval: float = 0.0,
     ) -> None:
         self._dialects = dict(DIALECTS if dialects is None else dialects)
+        self._collectors = dict(COLLECTORS if collectors is None else collectors)
         self._secrets = secrets
+        self._keepalive = keepalive_interval
 
     @classmethod
     def from_config(cls, config: Config) -> Reframe:
-        return cls(secrets=(config.upstream.api_key,))
+        return cls(
+            secrets=(config.upstream.api_key,),
+            keepalive_interval=config.server.keepalive_interval,
+        )
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
-        factory = self._dialects.get(exchange.dialect)
-        if factory is None:
+        if exchange.dialect not in self._dialects:
             raise ClientError(500, "server_error", "no_dialect", "No such response format")
         reply = await call_next(exchange)
         if reply.status != 200 or not reply.from_upstream:
             return reply  # an error answer: retry/rate_limit/the error boundary deal with it
         content_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "text/event-stream":
+        if content_type != "text/event-stream" or isinstance(reply.body, bytes):
             body = await read_limited(reply.body)
             raise self._non_sse_answer(body)
-        if isinstance(reply.body, bytes):  # pragma: no cover - the endpoint always streams
-            raise ClientError(502, "upstream_connection_error", "upstream_status_200", "No stream")
         if not exchange.stream:
             return await self._collect(exchange, reply.body)
-        return Reply(200, dict(_STREAM_HEADERS), self._stream(exchange, reply.body, factory))
+        dialect = self._dialects[exchange.dialect](exchange)
+        return Reply(200, dict(_STREAM_HEADERS), self._stream(exchange, reply.body, dialect))
 
     def _non_sse_answer(self, body: bytes) -> ClientError:
         error = error_from_upstream(200, {}, body, secrets=self._secrets)
         if body.strip().startswith(b"{") and b'"error"' in body:
-            code, message = error.code, error.message
-            return upstream_event_error(code or "upstream_error", message, self._secrets)
+            return upstream_event_error(
+                error.code or "upstream_error", error.message, self._secrets
+            )
         return ClientError(
             502,
             "upstream_connection_error",
@@ -111,26 +174,50 @@ class Reframe:
 
     def _events(self, exchange: Exchange, decoder: SSEDecoder, data: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
+        trace = exchange.trace
         for item in decoder.feed(data):
             if isinstance(item, SSEComment):
+                if trace.first_comment_at is None:
+                    trace.first_comment_at = time.monotonic()
                 continue
             try:
-                events.append(parse_upstream_event(item.data))
+                event = parse_upstream_event(item.data)
             except MalformedChunk as exc:
-                exchange.trace.malformed_chunks += 1
+                trace.malformed_chunks += 1
                 log.warning(
                     "skipped upstream chunk",
                     extra={"request_id": exchange.request_id, "reason": str(exc)},
                 )
+                continue
+            if isinstance(event, Chunk):
+                self._note(exchange, event)
+            elif isinstance(event, UpstreamErrorEvent):
+                # The upstream's words go to the client: bounded, no control chars, no keys.
+                event = UpstreamErrorEvent(
+                    sanitize_message(event.code, self._secrets)[:100],
+                    sanitize_message(event.message, self._secrets),
+                )
+            events.append(event)
         return events
 
+    @staticmethod
+    def _note(exchange: Exchange, chunk: Chunk) -> None:
+        trace = exchange.trace
+        if trace.first_token_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+            trace.first_token_at = time.monotonic()
+            if trace.first_comment_at is not None:
+                trace.queue_wait = trace.first_token_at - trace.first_comment_at
+                QUEUE_WAIT.observe(trace.queue_wait)
+        if chunk.usage is not None:
+            trace.prompt_tokens = chunk.usage.get("prompt_tokens")
+            trace.completion_tokens = chunk.usage.get("completion_tokens")
+
     async def _collect(self, exchange: Exchange, body: Body) -> Reply:
-        collector = CompletionCollector(exchange.exposed_model)
+        collector = self._collectors[exchange.dialect](exchange)
         decoder = SSEDecoder()
         try:
             async for data in body:
                 for event in self._events(exchange, decoder, data):
-                    self._note(exchange, event)
                     collector.feed(event)
                 if collector.ended:
                     break
@@ -147,47 +234,59 @@ class Reframe:
             exchange.trace.outcome = "upstream_error"
             raise
         exchange.trace.outcome = "completed"
+        await self._end(exchange)
         return Reply.json(200, result)
 
-    @staticmethod
-    def _note(exchange: Exchange, event: UpstreamEvent) -> None:
-        trace = exchange.trace
-        if isinstance(event, Chunk):
-            if trace.first_token_at is None and (
-                event.content or event.reasoning or event.tool_calls
-            ):
-                trace.first_token_at = time.monotonic()
-            if event.usage is not None:
-                trace.prompt_tokens = event.usage.get("prompt_tokens")
-                trace.completion_tokens = event.usage.get("completion_tokens")
+    async def _end(self, exchange: Exchange) -> None:
+        if exchange.on_end is None:
+            return
+        try:
+            await exchange.on_end()
+        except Exception:
+            log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
 
-    async def _stream(self, exchange: Exchange, body: Body, factory: DialectFactory) -> Body:
-        dialect = factory(exchange)
+    async def _stream(self, exchange: Exchange, body: Body, dialect: Dialect) -> Body:
         decoder = SSEDecoder()
-        sent = False
+        sent = False  # any byte went downstream: failures are events from now on
+        started = False  # the dialect produced output: no more keep-alive comments
+        pending: asyncio.Task[bytes | None] | None = None
         try:
             try:
-                async for data in body:
+                while True:
+                    if not started and self._keepalive > 0:
+                        if pending is None:
+                            pending = asyncio.ensure_future(_next(body))
+                        done, _ = await asyncio.wait((pending,), timeout=self._keepalive)
+                        if not done:
+                            sent = True
+                            yield encode_comment()
+                            continue
+                        data, pending = pending.result(), None
+                    else:
+                        data = await _next(body)
+                    if data is None:
+                        break
                     out = b""
                     for event in self._events(exchange, decoder, data):
-                        self._note(exchange, event)
                         if not sent and not out:
                             self._raise_if_failed_early(event)
                         out += dialect.feed(event)
                         if dialect.outcome is not None:
                             break
+                    if dialect.outcome is not None:
+                        await self._end(exchange)
                     if out:
-                        sent = True
+                        sent = started = True
                         yield out
                     if dialect.outcome is not None:
-                        break
-                else:
-                    tail = EndOfBody()
-                    if not sent:
-                        self._raise_if_failed_early(tail)
-                    out = dialect.feed(tail)
-                    if out:
-                        yield out
+                        return
+                tail = EndOfBody()
+                if not sent:
+                    self._raise_if_failed_early(tail)
+                out = dialect.feed(tail)
+                await self._end(exchange)
+                if out:
+                    yield out
             except (UpstreamStreamError, SSEDecodeError) as exc:
                 broken = (
                     StreamBroken(exc.message, timeout=exc.timeout)
@@ -197,10 +296,15 @@ class Reframe:
                 if not sent:
                     self._raise_if_failed_early(broken)
                 out = dialect.feed(broken)
+                await self._end(exchange)
                 if out:
                     yield out
         finally:
             exchange.trace.outcome = exchange.trace.outcome or dialect.outcome
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
             await body.aclose()
 
     def _raise_if_failed_early(self, event: UpstreamEvent) -> None:

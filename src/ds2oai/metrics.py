@@ -1,0 +1,77 @@
+"""Prometheus metrics, every name prefixed `ds2oai_`.
+
+Module-level collectors in prometheus-client's default registry; `render()` serves them. With
+`--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before the workers start and `render()`
+aggregates every process's files, so one scrape of any worker sees the whole gateway.
+Recording functions are small and never raise; nothing here touches requests or responses.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+__all__ = [
+    "ATTEMPTS",
+    "CONTENT_TYPE",
+    "IN_FLIGHT",
+    "MIDDLEWARE_SECONDS",
+    "QUEUE_WAIT",
+    "REQUESTS",
+    "STREAMS",
+    "TOKENS",
+    "TTFT",
+    "render",
+]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("ds2oai_requests", "HTTP requests by route and status", ["route", "status"])
+STREAMS = Counter(
+    "ds2oai_streams", "Finished answers by dialect and outcome", ["dialect", "outcome"]
+)
+ATTEMPTS = Counter(
+    "ds2oai_upstream_attempts",
+    "Upstream attempts by HTTP status (or connect_error / timeout)",
+    ["status"],
+)
+TTFT = Histogram(
+    "ds2oai_time_to_first_token_seconds",
+    "Request start to the first upstream token",
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "ds2oai_upstream_queue_wait_seconds",
+    "Time the upstream kept the request queued (first keep-alive comment to first chunk)",
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter("ds2oai_tokens", "Tokens by model and direction (in/out)", ["model", "direction"])
+IN_FLIGHT = Gauge(
+    "ds2oai_streams_in_flight", "Answers being streamed now", multiprocess_mode="livesum"
+)
+MIDDLEWARE_SECONDS = Histogram(
+    "ds2oai_middleware_seconds",
+    "Time from entering a middleware until it returns its reply (inner stages included)",
+    ["middleware"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+
+
+def render() -> bytes:
+    """The exposition text; aggregated over worker processes when multiprocess mode is on."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
