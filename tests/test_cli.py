@@ -118,3 +118,39 @@ async def test_served_gateway_streams_and_never_logs_keys(
     assert len(requests) == 5
     assert all(entry["request_id"] for entry in requests)
     assert [entry["status"] for entry in requests] == [200, 200, 429, 502, 401]
+
+
+async def test_workers_share_one_port_and_aggregate_metrics(mock_upstream_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url}
+    env.pop("DS2OAI_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        url = f"http://127.0.0.1:{port}"
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        pids = set()
+        async with aiohttp.ClientSession() as client:
+            for _ in range(40):
+                # a new connection each time so the kernel may pick either worker
+                async with client.post(
+                    url + "/v1/chat/completions", json=payload, headers={"Connection": "close"}
+                ) as resp:
+                    assert spec_text(parse_events(await resp.read())).startswith("Hello")
+                async with client.get(url + "/healthz", headers={"Connection": "close"}) as resp:
+                    pids.add((await resp.json())["pid"])
+            async with client.get(url + "/metrics") as resp:
+                text = await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert len(pids) == 2
+    line = 'ds2oai_requests_total{route="/v1/chat/completions",status="200"} 40.0'
+    assert line in text

@@ -7,8 +7,11 @@ import dataclasses
 import ipaddress
 import logging
 import multiprocessing
-import socket
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -48,7 +51,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve_one(config: Config, sock: socket.socket | None) -> None:
+def _serve_one(config: Config) -> None:
     logs.configure(config.logging.level)
     app = create_app(config)
     host, port = config.server.host, config.server.port
@@ -58,26 +61,14 @@ def _serve_one(config: Config, sock: socket.socket | None) -> None:
 
     web.run_app(
         app,
-        host=None if sock else host,
-        port=None if sock else port,
-        sock=sock,
+        host=host,
+        port=port,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.server.shutdown_grace,
         print=ready,
         reuse_port=config.server.workers > 1 or None,
     )
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -105,23 +96,34 @@ def serve(args: argparse.Namespace) -> int:
             extra={"host": config.server.host},
         )
     if config.server.workers == 1:
-        _serve_one(config, None)
+        _serve_one(config)
         return 0
     # SO_REUSEPORT: each worker binds the same port; the kernel spreads connections.
+    # Metrics from every worker are aggregated through files in one directory.
+    metrics_dir = tempfile.mkdtemp(prefix="ds2oai-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
     workers = [
-        ctx.Process(target=_serve_one, args=(config, None), daemon=False)
+        ctx.Process(target=_serve_one, args=(config,), daemon=False)
         for _ in range(config.server.workers)
     ]
     for worker in workers:
         worker.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        # Each worker drains its own streams on SIGTERM; a second signal is passed on too.
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     try:
         for worker in workers:
             worker.join()
-    except KeyboardInterrupt:
-        for worker in workers:
-            worker.join()
-    return 0
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0 if all(w.exitcode == 0 for w in workers) else 1
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 import uuid
@@ -20,12 +21,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ds2oai import __version__, jsonutil
+from ds2oai import __version__, jsonutil, metrics
 from ds2oai.chain import Exchange, Next, Reply, Trace, build_middleware, fold
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
 from ds2oai.middleware import BUILTINS
+from ds2oai.readiness import Readiness
 from ds2oai.upstream import UpstreamClient, read_limited
 from ds2oai.upstream_errors import client_error_for, error_from_upstream
 
@@ -37,6 +39,7 @@ access = logging.getLogger("ds2oai.access")
 CONFIG = web.AppKey("config", Config)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CHAIN: web.AppKey[Next] = web.AppKey("chain")
+READINESS = web.AppKey("readiness", Readiness)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -118,7 +121,33 @@ async def error_boundary(
         err = ClientError(500, "server_error", "internal_error", "Internal gateway error")
         return _error_response(err, request_id)
     finally:
+        _record(request, status)
         _log_request(request, request_id, status, started)
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _record(request: web.Request, status: int) -> None:
+    """Metrics for one finished request (never raises)."""
+    metrics.REQUESTS.labels(_route_label(request), str(status)).inc()
+    exchange = request.get(_EXCHANGE)
+    if exchange is None:
+        return
+    trace = exchange.trace
+    outcome = trace.outcome or ("upstream_error" if status >= 400 else None)
+    if outcome is not None:
+        metrics.STREAMS.labels(exchange.dialect, outcome).inc()
+    if trace.first_token_at is not None:
+        metrics.TTFT.observe(trace.first_token_at - trace.started)
+    model = exchange.exposed_model
+    if trace.prompt_tokens:
+        metrics.TOKENS.labels(model, "in").inc(trace.prompt_tokens)
+    if trace.completion_tokens:
+        metrics.TOKENS.labels(model, "out").inc(trace.completion_tokens)
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str]:
@@ -197,6 +226,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         return web.Response(status=reply.status, body=reply.body, headers=headers)
     body = reply.body
     trace = exchange.trace
+    in_flight = False
     try:
         try:
             first: bytes | None = await anext(body)
@@ -206,6 +236,8 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         request[_PREPARED] = True
         await response.prepare(request)
         trace.first_byte_at = time.monotonic()
+        metrics.IN_FLIGHT.inc()
+        in_flight = True
         try:
             if first:
                 await response.write(first)
@@ -220,6 +252,8 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         trace.outcome = "client_cancelled"
         raise
     finally:
+        if in_flight:
+            metrics.IN_FLIGHT.dec()
         await body.aclose()
 
 
@@ -254,8 +288,20 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat_like(request, "chat")
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """503 unless the upstream answered an HTTP request recently (cached for a few seconds)."""
+    ready, detail = await request.app[READINESS].check()
+    body = {"status": "ready" if ready else "not_ready", "upstream": detail}
+    return web.json_response(body, status=200 if ready else 503, dumps=_dumps)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__}, dumps=_dumps)
+    body = {"status": "ok", "version": __version__, "pid": os.getpid()}
+    return web.json_response(body, dumps=_dumps)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -275,6 +321,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = UpstreamClient.create(config.upstream)
     app[UPSTREAM] = client
+    app[READINESS] = Readiness(client.probe)
     endpoint: Next = client
     app[CHAIN] = fold(build_middleware(config, BUILTINS), endpoint)
     yield
@@ -292,6 +339,8 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/openai/v1/models", models)
     return app

@@ -68,6 +68,17 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._session.close()
 
+    async def probe(self) -> tuple[bool, str]:
+        """(reachable, detail): GET {base_url}/models; any HTTP status counts as reachable."""
+        url = self._config.base_url.rstrip("/") + "/models"
+        timeout = aiohttp.ClientTimeout(total=self._config.connect_timeout)
+        headers = {"Authorization": self._auth} if self._auth else {}
+        try:
+            async with self._session.get(url, headers=headers, timeout=timeout) as response:
+                return True, f"HTTP {response.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return False, type(exc).__name__
+
     async def __call__(self, exchange: Exchange) -> Reply:
         exchange.trace.attempts += 1
         headers = {k: v for k, v in exchange.upstream_headers.items() if k.lower() not in _RESERVED}

@@ -1,0 +1,157 @@
+"""Operations surface: /metrics, /readyz, downstream keep-alives, queue-wait accounting."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import GatewayFactory, free_port
+from tests.fault_upstream import FaultUpstream, Head, Send, Sleep, sse_script, text_events
+from tests.sse_client import parse_events, spec_text
+
+
+async def scrape(
+    client: aiohttp.ClientSession, url: object
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with client.get(url) as resp:  # type: ignore[arg-type]
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("ds2oai_") or not family.name.startswith("ds2oai")
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"messages": [], "stream": True, "model": "metrics-model"},
+    ) as resp:
+        await resp.read()
+    after = await scrape(client, server.make_url("/metrics"))
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ds2oai_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert delta("ds2oai_streams_total", dialect="spec", outcome="completed") == 1
+    assert delta("ds2oai_upstream_attempts_total", status="200") == 1
+    assert delta("ds2oai_tokens_total", model="metrics-model", direction="in") == 5
+    assert delta("ds2oai_tokens_total", model="metrics-model", direction="out") == 2
+    assert delta("ds2oai_time_to_first_token_seconds_count") == 1
+    assert delta("ds2oai_middleware_seconds_count", middleware="retry") == 1
+    assert value(after, "ds2oai_streams_in_flight") == 0
+
+
+async def test_broken_stream_is_counted_by_outcome(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    from tests.fault_upstream import Close
+
+    fault_upstream.queue(sse_script(text_events(["a", "b"])[:2], end=Close()))
+    server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        await resp.read()
+    after = await scrape(client, server.make_url("/metrics"))
+    key = {"dialect": "spec", "outcome": "upstream_broken"}
+    assert (
+        value(after, "ds2oai_streams_total", **key) - value(before, "ds2oai_streams_total", **key)
+        == 1
+    )
+
+
+async def test_queue_wait_is_measured_from_upstream_keepalives_to_first_chunk(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    events = text_events(["x"])
+    fault_upstream.queue(
+        (
+            Head(),
+            Send(b": keep-alive\n\n"),
+            Sleep(0.3),
+            Send(b": keep-alive\n\n"),
+            Sleep(0.3),
+            *[Send(e) for e in events],
+        )
+    )
+    server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        await resp.read()
+    after = await scrape(client, server.make_url("/metrics"))
+    count = "ds2oai_upstream_queue_wait_seconds_count"
+    total = "ds2oai_upstream_queue_wait_seconds_sum"
+    assert value(after, count) - value(before, count) == 1
+    assert value(after, total) - value(before, total) >= 0.55
+
+
+async def test_downstream_keepalive_comments_while_the_upstream_is_silent(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    fault_upstream.queue((Head(), Sleep(0.9), *[Send(e) for e in text_events(["a", "b"])]))
+    server = await gateway(fault_upstream.url, server={"keepalive_interval": 0.2})
+    started = time.monotonic()
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        first = await resp.content.readuntil(b"\n\n")
+        first_at = time.monotonic() - started
+        raw = first + await resp.read()
+    assert first == b": keep-alive\n\n"
+    assert first_at < 0.6
+    comments = raw.count(b": keep-alive\n\n")
+    assert 2 <= comments <= 6
+    events = parse_events(raw)
+    assert spec_text(events) == "ab"
+    assert events[-1].event == "response.completed"
+
+
+async def test_keepalives_stop_once_the_answer_started(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    events = text_events(["a", "b"])
+    fault_upstream.queue(
+        (Head(), Send(events[0]), Send(events[1]), Sleep(0.7), *[Send(e) for e in events[2:]])
+    )
+    server = await gateway(fault_upstream.url, server={"keepalive_interval": 0.2})
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        raw = await resp.read()
+    assert b": keep-alive" not in raw
+    assert spec_text(parse_events(raw)) == "ab"
+
+
+async def test_readyz_reflects_upstream_reachability(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    up = await gateway(fault_upstream.url)
+    async with client.get(up.make_url("/readyz")) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "ready"
+    down = await gateway(f"http://127.0.0.1:{free_port()}")
+    async with client.get(down.make_url("/readyz")) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["status"] == "not_ready"
+    async with client.get(down.make_url("/healthz")) as resp:
+        assert resp.status == 200
