@@ -88,6 +88,7 @@ def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "upstream": {"base_url": upstream_url, "read_timeout": 5.0, "connect_timeout": 2.0},
         "retry": {"base_delay": 0.01, "max_delay": 0.05, "deadline": 10.0},
+        "store": {"backend": "memory"},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
@@ -144,6 +145,8 @@ def served_gateway(
     config.write_text(
         f'[auth]\napi_keys = ["{CLIENT_KEY}"]\n'
         "[retry]\nbase_delay = 0.01\nmax_delay = 0.02\n"
+        f'[store]\ndata_dir = "{tmp / "data"}"\n'
+        '[responses]\nsecret = "test-sealing-secret"\n'
         '[models]\naliases = { "gpt-4.1-compatible" = "deepseek-chat" }\n'
     )
     port = free_port()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ds2oai.errors import ConfigError
+from ds2oai.store.base import StoreConfig
 
 __all__ = [
     "AuthConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "MiddlewareConfig",
     "ModelsConfig",
     "RateLimitConfig",
+    "ResponsesConfig",
     "RetryConfig",
     "Secret",
     "ServerConfig",
@@ -122,6 +124,13 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesConfig:
+    # Secret for sealing reasoning into `encrypted_content`; DS2OAI_SECRET overrides. Unset: a
+    # per-process random key (blobs do not survive restarts or cross workers).
+    secret: Secret = field(default=Secret(""), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -131,6 +140,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     middleware: MiddlewareConfig = field(default_factory=MiddlewareConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -236,6 +247,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "models": ModelsConfig,
     "logging": LoggingConfig,
+    "store": StoreConfig,
+    "responses": ResponsesConfig,
 }
 
 
@@ -274,7 +287,15 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
             server = dataclasses.replace(server, port=int(env["PORT"]))
         except ValueError:
             raise ConfigError("PORT: expected an integer") from None
-    return dataclasses.replace(config, upstream=upstream, server=server)
+    responses = config.responses
+    if env.get("DS2OAI_SECRET"):
+        responses = dataclasses.replace(responses, secret=Secret(env["DS2OAI_SECRET"]))
+    store = config.store
+    if env.get("DS2OAI_REDIS_URL"):
+        store = dataclasses.replace(store, redis_url=env["DS2OAI_REDIS_URL"])
+    return dataclasses.replace(
+        config, upstream=upstream, server=server, responses=responses, store=store
+    )
 
 
 def load_config(

@@ -28,6 +28,10 @@ from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
 from ds2oai.middleware import BUILTINS
 from ds2oai.readiness import Readiness
+from ds2oai.responses_input import parse_responses_request
+from ds2oai.responses_session import ResponsesSession
+from ds2oai.sealing import Sealer
+from ds2oai.store import ResponseStore, open_store
 from ds2oai.upstream import UpstreamClient, read_limited
 from ds2oai.upstream_errors import client_error_for, error_from_upstream
 
@@ -40,6 +44,8 @@ CONFIG = web.AppKey("config", Config)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CHAIN: web.AppKey[Next] = web.AppKey("chain")
 READINESS = web.AppKey("readiness", Readiness)
+STORE = web.AppKey("store", ResponseStore)
+SEALER = web.AppKey("sealer", Sealer)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -288,6 +294,115 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat_like(request, "chat")
 
 
+def _not_found(response_id: str) -> ClientError:
+    return ClientError(
+        404,
+        "invalid_request_error",
+        "response_not_found",
+        f"No stored response with id {response_id!r}",
+        param="response_id",
+    )
+
+
+async def responses_create(request: web.Request) -> web.StreamResponse:
+    """SPEC §5: the Responses API over DeepSeek chat, with stored conversations."""
+    app = request.app
+    config = app[CONFIG]
+    raw = await _read_body(request, config.server.max_body_bytes)
+    body = parse_json_body(raw)
+    history: list[dict[str, Any]] = []
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str) and previous:
+        stored = await app[STORE].get(previous)
+        if stored is None:
+            raise ClientError(
+                400,
+                "invalid_request_error",
+                "previous_response_not_found",
+                f"Previous response with id {previous!r} not found",
+                param="previous_response_id",
+            )
+        history = stored.messages
+    parsed = parse_responses_request(body, config.models, history=history, unseal=app[SEALER].open)
+    session = ResponsesSession(parsed, history=history, store=app[STORE], sealer=app[SEALER])
+    exchange = Exchange(
+        request_id=request[REQUEST_ID],
+        route="responses",
+        dialect="responses",
+        stream=parsed.stream,
+        exposed_model=parsed.exposed_model,
+        client_body=body,
+        upstream_body=parsed.upstream_body,
+        client_headers=_client_headers(request),
+        trace=Trace(),
+        context=session,
+        on_end=session.save,
+    )
+    request[_EXCHANGE] = exchange
+    reply = await app[CHAIN](exchange)
+    return await _send(request, exchange, reply)
+
+
+async def responses_get(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    if request.query.get("stream") in ("true", "1"):
+        raise ClientError(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            "Streaming a stored response again is not supported",
+            param="stream",
+        )
+    stored = await request.app[STORE].get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return web.json_response(stored.response, dumps=_dumps)
+
+
+async def responses_delete(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    if not await request.app[STORE].delete(response_id):
+        raise _not_found(response_id)
+    body = {"id": response_id, "object": "response.deleted", "deleted": True}
+    return web.json_response(body, dumps=_dumps)
+
+
+async def responses_input_items(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    stored = await request.app[STORE].get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    items = list(stored.input_items)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ClientError(
+            400, "invalid_request_error", "invalid_order", "'order' is asc or desc", param="order"
+        )
+    if order == "desc":
+        items.reverse()
+    after = request.query.get("after")
+    if after:
+        ids = [item.get("id") for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= 100:
+        raise ClientError(
+            400, "invalid_request_error", "invalid_limit", "'limit' is 1..100", param="limit"
+        )
+    page = items[:limit]
+    body = {
+        "object": "list",
+        "data": page,
+        "first_id": page[0].get("id") if page else None,
+        "last_id": page[-1].get("id") if page else None,
+        "has_more": len(items) > limit,
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
@@ -321,11 +436,16 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = UpstreamClient.create(config.upstream)
     app[UPSTREAM] = client
+    app[STORE] = open_store(config.store)
+    app[SEALER] = Sealer(config.responses.secret)
+    if app[SEALER].ephemeral:
+        log.info("no [responses] secret / DS2OAI_SECRET: encrypted reasoning is per-process")
     app[READINESS] = Readiness(client.probe)
     endpoint: Next = client
     app[CHAIN] = fold(build_middleware(config, BUILTINS), endpoint)
     yield
     await client.close()
+    await app[STORE].close()
 
 
 def create_app(config: Config) -> web.Application:
@@ -343,4 +463,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/openai/v1/models", models)
+    for prefix in ("/v1", "/openai/v1"):
+        app.router.add_post(f"{prefix}/responses", responses_create)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}", responses_get)
+        app.router.add_delete(f"{prefix}/responses/{{response_id}}", responses_delete)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", responses_input_items)
     return app

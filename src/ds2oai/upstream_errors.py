@@ -23,6 +23,7 @@ from ds2oai.errors import (
     UpstreamStreamError,
     UpstreamTimeoutError,
 )
+from ds2oai.store.base import StoreError
 
 __all__ = [
     "BROKEN_MESSAGE",
@@ -185,4 +186,6 @@ def client_error_for(exc: GatewayError) -> ClientError:
         return ClientError(504, "upstream_connection_error", "upstream_timeout", str(exc))
     if isinstance(exc, UpstreamStreamError):
         return broken_error(exc.message, timeout=exc.timeout)
+    if isinstance(exc, StoreError):
+        return ClientError(503, "server_error", "store_unavailable", "The response store failed")
     return ClientError(500, "server_error", "internal_error", "Internal gateway error")

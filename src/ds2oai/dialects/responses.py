@@ -1,0 +1,439 @@
+"""The OpenAI Responses API stream dialect (`POST /v1/responses`), for unmodified SDKs.
+
+A sans-IO state machine from normalized upstream events (`ds2oai.events`) to the Responses
+wire format (reference/PROTOCOLS.md A.3-A.7, B.3): every event is `event: <type>` + one
+compact `data:` JSON line repeating `type` with a `sequence_number` counting from 0; no
+`[DONE]`. It touches nothing but its own state: no aiohttp, no store, no clock. The reframe
+stage feeds it and writes the bytes; a non-streaming request feeds it the same events, drops
+the bytes and answers `response()`. `assistant_message()` gives the turn back as one DeepSeek
+chat message for the conversation store; `seal` (optional) turns reasoning text into the
+opaque `encrypted_content` blob.
+
+States: WAITING (nothing sent) -> STREAMING (`response.created` + `response.in_progress` sent
+on the first chunk; output items are opened and closed one after the other: reasoning ->
+message / function calls, one `function_call` item per DeepSeek tool-call index) -> FINISHING
+(a finish_reason was seen and every item closed; waiting for `[DONE]` or the end of the body,
+since usage may come in a later chunk) -> ENDED (exactly one terminal event sent; `feed`
+returns b"" from then on). Terminal events: `stop`/`tool_calls` -> `response.completed`;
+`length`/`content_filter` -> `response.incomplete`; `insufficient_system_resource`, an
+upstream error event, or a body that ends/breaks/stalls before any finish_reason ->
+`response.failed`. Once a finish_reason was seen, a broken body only loses `[DONE]` or a late
+usage chunk, so the finish reason decides the terminal event.
+
+Why no `error` event before `response.failed` (PROTOCOLS A.7 suggests sending both): the
+openai SDK raises `APIError` on the first event whose data has a top-level "error" key (B.2),
+so `response.failed` after it would be unreachable, and a stream would carry two terminal
+events. `response.failed` alone is one terminal event, every SDK version parses it (its data
+has a "response" key, no top-level "error"), it carries `response.error {code, message}`, and
+`get_final_response()` still raises because no `response.completed` came.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ds2oai import jsonutil
+from ds2oai.events import (
+    Chunk,
+    Done,
+    EndOfBody,
+    StreamBroken,
+    ToolCallDelta,
+    UpstreamErrorEvent,
+    UpstreamEvent,
+)
+from ds2oai.responses_input import new_id
+from ds2oai.sse import encode_event
+from ds2oai.upstream_errors import BROKEN_MESSAGE, CUT_MESSAGE, sanitize_message
+
+__all__ = ["RESPONSE_DEFAULTS", "ResponsesDialect", "response_usage"]
+
+log = logging.getLogger(__name__)
+
+# Request-derived fields of the Response object when the request did not set them (A.2).
+RESPONSE_DEFAULTS: Mapping[str, Any] = {
+    "instructions": None,
+    "max_output_tokens": None,
+    "previous_response_id": None,
+    "parallel_tool_calls": True,
+    "tool_choice": "auto",
+    "tools": [],
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "text": {"format": {"type": "text"}},
+    "reasoning": {"effort": None, "summary": None},
+    "truncation": "disabled",
+    "store": True,
+    "metadata": {},
+    "user": None,
+}
+_FIXED = frozenset(
+    {"id", "object", "created_at", "status", "model", "output", "usage", "error"}
+    | {"incomplete_details"}
+)
+
+
+class _State(enum.Enum):
+    WAITING = 0
+    STREAMING = 1
+    FINISHING = 2
+    ENDED = 3
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def response_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A DeepSeek usage object in Responses form (None stays None)."""
+    if usage is None:
+        return None
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    cached = usage.get("prompt_cache_hit_tokens")
+    if not isinstance(cached, int) or isinstance(cached, bool):
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    details = usage.get("completion_tokens_details")
+    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    total = usage.get("total_tokens")
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": _int(total) if total is not None else prompt + completion,
+    }
+
+
+class _Item:
+    """One output item: kind "reasoning", "message" or "function_call"."""
+
+    __slots__ = ("call_id", "encrypted", "id", "index", "kind", "name", "parts", "status")
+
+    def __init__(self, kind: str, index: int, item_id: str) -> None:
+        self.kind = kind
+        self.index = index
+        self.id = item_id
+        self.status = "in_progress"
+        self.parts: list[str] = []  # text, reasoning text or argument fragments
+        self.call_id = ""
+        self.name = ""
+        self.encrypted: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def part(self) -> dict[str, Any]:
+        """The content part of a reasoning or message item, as of now."""
+        if self.kind == "reasoning":
+            return {"type": "reasoning_text", "text": self.text}
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+
+    def to_json(self, *, announce: bool = False) -> dict[str, Any]:
+        """The item as `response.output` holds it (`announce`: as `output_item.added` shows it)."""
+        if self.kind == "function_call":
+            return {
+                "type": "function_call",
+                "id": self.id,
+                "call_id": self.call_id,
+                "name": self.name,
+                "arguments": "" if announce else self.text,
+                "status": self.status,
+            }
+        content = [] if announce else [self.part()]
+        if self.kind == "reasoning":
+            item: dict[str, Any] = {
+                "type": "reasoning",
+                "id": self.id,
+                "summary": [],
+                "content": content,
+            }
+            if self.encrypted is not None:
+                item["encrypted_content"] = self.encrypted
+            item["status"] = self.status
+            return item
+        return {
+            "type": "message",
+            "id": self.id,
+            "role": "assistant",
+            "status": self.status,
+            "content": content,
+        }
+
+
+class ResponsesDialect:
+    media_type = "text/event-stream"
+
+    __slots__ = (
+        "_calls",
+        "_created_at",
+        "_echo",
+        "_error",
+        "_finish",
+        "_id",
+        "_incomplete",
+        "_items",
+        "_model",
+        "_open",
+        "_outcome",
+        "_seal",
+        "_seq",
+        "_state",
+        "_status",
+        "_usage",
+    )
+
+    def __init__(
+        self,
+        *,
+        response_id: str,
+        created_at: int,
+        model: str,
+        echo: Mapping[str, Any],
+        seal: Callable[[str], str] | None = None,
+    ) -> None:
+        self._id = response_id
+        self._created_at = created_at
+        self._model = model
+        self._echo = {k: v for k, v in echo.items() if k not in _FIXED}
+        self._seal = seal
+        self._state = _State.WAITING
+        self._seq = 0
+        self._items: list[_Item] = []
+        self._open: _Item | None = None  # at most one item is open at a time
+        self._calls: dict[int, _Item] = {}  # DeepSeek tool-call index -> its item
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._status = "in_progress"
+        self._error: dict[str, Any] | None = None
+        self._incomplete: dict[str, Any] | None = None
+        self._outcome: str | None = None
+
+    # --- the Dialect protocol -------------------------------------------------------------
+
+    @property
+    def outcome(self) -> str | None:
+        return self._outcome
+
+    def feed(self, event: UpstreamEvent) -> bytes:
+        if self._state is _State.ENDED:
+            return b""
+        if isinstance(event, Chunk):
+            return self._chunk(event)
+        out = self._start() if self._state is _State.WAITING else b""
+        if self._state is _State.FINISHING:
+            # The answer is whole: [DONE], the end of the body, or a failure that only lost
+            # [DONE] or a late usage chunk, all end it as its finish_reason says.
+            return out + self._terminal()
+        if isinstance(event, Done | EndOfBody):
+            return out + self._failed("upstream_broken", BROKEN_MESSAGE)
+        if isinstance(event, StreamBroken):
+            outcome = "timeout" if event.timeout else "upstream_broken"
+            return out + self._failed(outcome, event.message)
+        if isinstance(event, UpstreamErrorEvent):
+            message = sanitize_message(f"Upstream error ({event.code}): {event.message}")
+            return out + self._failed("upstream_error", message)
+        raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
+
+    # --- results ------------------------------------------------------------------------------
+
+    def response(self) -> dict[str, Any]:
+        """The Response object as of now (final once `outcome` is set)."""
+        return self._response(self._status, [item.to_json() for item in self._items])
+
+    def output_items(self) -> list[dict[str, Any]]:
+        return [item.to_json() for item in self._items]
+
+    def assistant_message(self) -> dict[str, Any] | None:
+        """This turn as one DeepSeek chat assistant message; None if nothing was produced."""
+        text = "".join(i.text for i in self._items if i.kind == "message")
+        reasoning = [i.text for i in self._items if i.kind == "reasoning"]
+        calls = [i for i in self._items if i.kind == "function_call"]
+        if not text and not reasoning and not calls:
+            return None
+        message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.text},
+                }
+                for call in calls
+            ]
+        return message
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _response(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "id": self._id,
+            "object": "response",
+            "created_at": self._created_at,
+            "status": status,
+            "model": self._model,
+            "output": output,
+            "usage": response_usage(self._usage) if status != "in_progress" else None,
+            "error": self._error,
+            "incomplete_details": self._incomplete,
+        }
+        for key, default in RESPONSE_DEFAULTS.items():
+            obj[key] = self._echo.get(key, default)
+        for key, value in self._echo.items():
+            obj.setdefault(key, value)
+        return obj
+
+    def _emit(self, type_: str, fields: dict[str, Any]) -> bytes:
+        data = {"type": type_, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return encode_event(type_, jsonutil.dumps(data))
+
+    def _start(self) -> bytes:
+        self._state = _State.STREAMING
+        created = self._response("in_progress", [])
+        return self._emit("response.created", {"response": created}) + self._emit(
+            "response.in_progress", {"response": created}
+        )
+
+    def _chunk(self, chunk: Chunk) -> bytes:
+        out = self._start() if self._state is _State.WAITING else b""
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if self._state is not _State.STREAMING:
+            return out  # after the finish_reason only usage matters
+        if chunk.reasoning:
+            out += self._text("reasoning", chunk.reasoning)
+        if chunk.content:
+            out += self._text("message", chunk.content)
+        for delta in chunk.tool_calls:
+            out += self._tool_call(delta)
+        finish = chunk.finish_reason
+        if finish is not None:
+            complete = finish in ("stop", "tool_calls")
+            out += self._close(status="completed" if complete else "incomplete")
+            self._finish = finish
+            self._state = _State.FINISHING
+        return out
+
+    def _open_item(self, kind: str, prefix: str) -> tuple[_Item, bytes]:
+        out = self._close()
+        item = _Item(kind, len(self._items), new_id(prefix))
+        self._items.append(item)
+        self._open = item
+        return item, out
+
+    def _text(self, kind: str, delta: str) -> bytes:
+        """A reasoning or content delta: open the item (and its one part) if needed."""
+        item = self._open
+        out = b""
+        if item is None or item.kind != kind:
+            item, out = self._open_item(kind, "rs" if kind == "reasoning" else "msg")
+            out += self._emit(
+                "response.output_item.added",
+                {"output_index": item.index, "item": item.to_json(announce=True)},
+            )
+            out += self._emit(
+                "response.content_part.added", {**self._where(item), "part": item.part()}
+            )
+        item.parts.append(delta)
+        fields = {**self._where(item), "delta": delta}
+        if kind == "reasoning":
+            return out + self._emit("response.reasoning_text.delta", fields)
+        return out + self._emit("response.output_text.delta", {**fields, "logprobs": []})
+
+    def _tool_call(self, delta: ToolCallDelta) -> bytes:
+        out = b""
+        item = self._calls.get(delta.index)
+        if item is None:
+            item, out = self._open_item("function_call", "fc")
+            item.call_id = delta.id or new_id("call")
+            item.name = delta.name or ""
+            self._calls[delta.index] = item
+            out += self._emit(
+                "response.output_item.added",
+                {"output_index": item.index, "item": item.to_json(announce=True)},
+            )
+        elif item is not self._open:
+            # DeepSeek sends each call's fragments in one run; a fragment for a call that is
+            # already closed cannot be streamed any more, so it is dropped (and logged).
+            log.warning("dropped a tool-call fragment for closed call index %d", delta.index)
+            return b""
+        if not item.name and delta.name:
+            item.name = delta.name
+        if delta.arguments:
+            item.parts.append(delta.arguments)
+            out += self._emit(
+                "response.function_call_arguments.delta",
+                {"item_id": item.id, "output_index": item.index, "delta": delta.arguments},
+            )
+        return out
+
+    @staticmethod
+    def _where(item: _Item) -> dict[str, Any]:
+        return {"item_id": item.id, "output_index": item.index, "content_index": 0}
+
+    def _close(self, status: str = "completed") -> bytes:
+        """Close the open item: its `*.done` events, then `output_item.done`."""
+        item = self._open
+        if item is None:
+            return b""
+        self._open = None
+        item.status = status
+        out = b""
+        if item.kind == "function_call":
+            out += self._emit(
+                "response.function_call_arguments.done",
+                {
+                    "item_id": item.id,
+                    "output_index": item.index,
+                    "name": item.name,
+                    "arguments": item.text,
+                },
+            )
+        else:
+            where = self._where(item)
+            if item.kind == "reasoning":
+                out += self._emit("response.reasoning_text.done", {**where, "text": item.text})
+                if self._seal is not None:
+                    item.encrypted = self._seal(item.text)
+            else:
+                out += self._emit(
+                    "response.output_text.done", {**where, "text": item.text, "logprobs": []}
+                )
+            out += self._emit("response.content_part.done", {**where, "part": item.part()})
+        return out + self._emit(
+            "response.output_item.done", {"output_index": item.index, "item": item.to_json()}
+        )
+
+    def _terminal(self) -> bytes:
+        """The terminal event the finish_reason decided (state FINISHING)."""
+        finish = self._finish
+        if finish in ("stop", "tool_calls"):
+            return self._end("completed", "response.completed", "completed")
+        if finish == "insufficient_system_resource":
+            return self._failed("upstream_error", CUT_MESSAGE)
+        reason = "content_filter" if finish == "content_filter" else "max_output_tokens"
+        self._incomplete = {"reason": reason}
+        return self._end("incomplete", "response.incomplete", "completed")
+
+    def _failed(self, outcome: str, message: str) -> bytes:
+        # Items cut off mid-stream stay in the output, marked incomplete (no `*.done` events).
+        for item in self._items:
+            if item.status == "in_progress":
+                item.status = "incomplete"
+        self._open = None
+        self._error = {"code": "server_error", "message": message}
+        return self._end("failed", "response.failed", outcome)
+
+    def _end(self, status: str, type_: str, outcome: str) -> bytes:
+        self._status = status
+        self._state = _State.ENDED
+        self._outcome = outcome
+        return self._emit(type_, {"response": self.response()})

@@ -1,0 +1,101 @@
+"""One Responses API request: its dialect, its non-streaming collector, and storing the result.
+
+The route in server.py parses the request (`responses_input`), loads the conversation named by
+`previous_response_id` from the store, and puts a `ResponsesSession` on the exchange as its
+`context`. The reframe stage asks it for the dialect (streaming) or a collector (`"stream":
+false`) and awaits `save()` once the answer reached its terminal state — before the client sees
+the end, so `GET /v1/responses/{id}` works as soon as the stream is over. May touch: the store.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ds2oai.dialects.responses import ResponsesDialect
+from ds2oai.errors import ClientError
+from ds2oai.events import UpstreamEvent
+from ds2oai.responses_input import ResponsesRequest, new_id
+from ds2oai.sealing import Sealer
+from ds2oai.store import ResponseStore, StoredResponse
+from ds2oai.upstream_errors import BROKEN_MESSAGE, broken_error
+
+__all__ = ["ResponsesSession"]
+
+
+class ResponsesSession:
+    def __init__(
+        self,
+        request: ResponsesRequest,
+        *,
+        history: list[dict[str, Any]],
+        store: ResponseStore,
+        sealer: Sealer,
+    ) -> None:
+        self.request = request
+        self.response_id = new_id("resp")
+        self.created_at = int(time.time())
+        self._history = history
+        self._store = store
+        seal = sealer.seal if request.include_encrypted_reasoning else None
+        self.dialect = ResponsesDialect(
+            response_id=self.response_id,
+            created_at=self.created_at,
+            model=request.exposed_model,
+            echo=request.echo,
+            seal=seal,
+        )
+
+    def make_dialect(self) -> ResponsesDialect:
+        return self.dialect
+
+    def make_collector(self) -> _Collector:
+        return _Collector(self.dialect)
+
+    async def save(self) -> None:
+        """Keep the finished response and its conversation (`store`, default true)."""
+        if not self.request.store or self.dialect.outcome != "completed":
+            return
+        assistant = self.dialect.assistant_message()
+        messages = [*self._history, *self.request.new_messages]
+        if assistant is not None:
+            messages.append(assistant)
+        await self._store.put(
+            StoredResponse(
+                id=self.response_id,
+                created_at=self.created_at,
+                response=self.dialect.response(),
+                input_items=list(self.request.input_items),
+                messages=messages,
+            )
+        )
+
+
+class _Collector:
+    """`"stream": false`: feed the dialect, drop its bytes, answer the final Response object.
+
+    A failed answer is an HTTP error (nothing was sent yet); `incomplete` is a normal answer.
+    """
+
+    def __init__(self, dialect: ResponsesDialect) -> None:
+        self._dialect = dialect
+
+    @property
+    def ended(self) -> bool:
+        return self._dialect.outcome is not None
+
+    def feed(self, event: UpstreamEvent) -> None:
+        self._dialect.feed(event)
+
+    def result(self) -> dict[str, Any]:
+        outcome = self._dialect.outcome
+        response = self._dialect.response()
+        if outcome == "completed":
+            return response
+        error = response.get("error") or {}
+        message = str(error.get("message") or BROKEN_MESSAGE)
+        if outcome == "timeout":
+            raise broken_error(message, timeout=True)
+        if outcome == "upstream_error":
+            raise ClientError(502, "upstream_error", "upstream_error", message)
+        raise broken_error(message)
