@@ -53,7 +53,7 @@ def _is_loopback(host: str) -> bool:
 
 def _serve_one(config: Config) -> None:
     logs.configure(config.logging.level)
-    app = create_app(config)
+    app = create_app(config, owns_process=True)
     host, port = config.server.host, config.server.port
 
     def ready(_message: object) -> None:

@@ -11,9 +11,11 @@ handler (`handler_cancellation`), and closing the body closes the upstream conne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,6 +48,7 @@ CHAIN: web.AppKey[Next] = web.AppKey("chain")
 READINESS = web.AppKey("readiness", Readiness)
 STORE = web.AppKey("store", ResponseStore)
 SEALER = web.AppKey("sealer", Sealer)
+OWNS_PROCESS = web.AppKey("owns_process", bool)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -448,14 +451,39 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].close()
 
 
-def create_app(config: Config) -> web.Application:
-    """The application; the chain is built (and validated) when the app starts."""
+async def _drain_on_shutdown(app: web.Application) -> None:
+    """SIGTERM: the sites already stopped accepting. Open streams get `shutdown_grace` seconds
+    to finish; shortly before aiohttp cancels what is left, their upstream bodies are cut so
+    each ends with its dialect's terminal error instead of a bare truncation. A second
+    SIGTERM/SIGINT exits at once."""
+    loop = asyncio.get_running_loop()
+    if app[OWNS_PROCESS]:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, os._exit, 0)
+    grace = app[CONFIG].server.shutdown_grace
+    client = app[UPSTREAM]
+    loop.call_later(
+        max(0.0, min(grace * 0.8, grace - 0.5)),
+        client.abort_all,
+        "The gateway is shutting down; the answer was cut",
+    )
+
+
+def create_app(config: Config, *, owns_process: bool = False) -> web.Application:
+    """The application; the chain is built (and validated) when the app starts.
+
+    `owns_process`: this app is the process (`ds2oai serve`), so a second SIGTERM during the
+    shutdown grace may exit the process at once; never set it for an embedded app.
+    """
     app = web.Application(
         middlewares=[error_boundary],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
+    app[OWNS_PROCESS] = owns_process
     app.cleanup_ctx.append(_upstream_ctx)
+    app.on_shutdown.append(_drain_on_shutdown)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)
     app.router.add_get("/healthz", healthz)

@@ -43,6 +43,8 @@ class UpstreamClient:
             sock_read=config.read_timeout,
         )
         self._auth = f"Bearer {config.api_key}" if config.api_key else None
+        self._open: set[aiohttp.ClientResponse] = set()
+        self._abort_reason: str | None = None
 
     @classmethod
     def create(cls, config: UpstreamConfig) -> UpstreamClient:
@@ -115,11 +117,21 @@ class UpstreamClient:
         reply_headers = {k.lower(): v for k, v in response.headers.items()}
         return Reply(response.status, reply_headers, self._body(response), from_upstream=True)
 
+    def abort_all(self, reason: str) -> None:
+        """Cut every open upstream body (shutdown grace is over): each stream then ends with
+        its dialect's terminal error carrying `reason`, instead of a bare truncation."""
+        self._abort_reason = reason
+        for response in list(self._open):
+            response.close()
+
     async def _body(self, response: aiohttp.ClientResponse) -> Body:
         complete = False
+        self._open.add(response)
         try:
             async for data in response.content.iter_any():
                 yield data
+            if self._abort_reason is not None:
+                raise UpstreamStreamError(self._abort_reason)  # cut by abort_all, not an EOF
             complete = True
         except (aiohttp.ServerTimeoutError, TimeoutError):
             raise UpstreamStreamError(
@@ -127,8 +139,9 @@ class UpstreamClient:
                 timeout=True,
             ) from None
         except (aiohttp.ClientError, OSError):
-            raise UpstreamStreamError(BROKEN_MESSAGE) from None
+            raise UpstreamStreamError(self._abort_reason or BROKEN_MESSAGE) from None
         finally:
+            self._open.discard(response)
             if complete:
                 response.release()
             else:

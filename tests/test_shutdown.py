@@ -1,0 +1,108 @@
+"""SIGTERM with streams in flight: stop accepting, let streams finish within the grace, end the
+rest with their terminal error, exit 0; a second SIGTERM exits at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import ROOT, free_port, wait_http
+from tests.fault_upstream import FaultUpstream, sse_script, text_events
+from tests.sse_client import parse_events, spec_text
+
+SHORT = [f"s{i} " for i in range(5)]
+LONG = [f"l{i} " for i in range(100)]
+
+
+def start_gateway(
+    tmp_path: Path, upstream_url: str, grace: float
+) -> tuple[subprocess.Popen[bytes], str]:
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[server]\nshutdown_grace = {grace}\n[store]\nbackend = "memory"\n')
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": upstream_url, "DS2OAI_CONFIG": str(config)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds2oai", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz", proc)
+    return proc, url
+
+
+async def read_stream(client: aiohttp.ClientSession, url: str, fault: str) -> bytes:
+    payload = {"messages": [], "stream": True, "fault": fault}
+    async with client.post(url + "/v1/chat/completions", json=payload) as resp:
+        assert resp.status == 200
+        return await resp.read()
+
+
+async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
+    tmp_path: Path,
+) -> None:
+    async with FaultUpstream() as upstream:
+        upstream.route("short", sse_script(text_events(SHORT), delay=0.2))  # ~1.2 s
+        upstream.route("long", sse_script(text_events(LONG), delay=0.2))  # ~20 s
+        proc, url = start_gateway(tmp_path, upstream.url, grace=3.0)
+        try:
+            async with aiohttp.ClientSession() as client:
+                short = asyncio.create_task(read_stream(client, url, "short"))
+                long = asyncio.create_task(read_stream(client, url, "long"))
+                await upstream.wait_requests(2)
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with client.get(url + "/healthz"):
+                        pass
+                short_raw, long_raw = await asyncio.gather(short, long)
+                cut_after = time.monotonic() - started
+            rc = await asyncio.to_thread(proc.wait, 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == 0
+    short_events = parse_events(short_raw)
+    assert short_events[-1].event == "response.completed"
+    assert spec_text(short_events) == "".join(SHORT)
+    long_events = parse_events(long_raw)
+    assert long_events[-1].event == "response.error"
+    assert "shutting down" in long_events[-1].json()["message"]
+    assert "".join(LONG).startswith(spec_text(long_events))
+    assert 1.5 < cut_after < 3.5
+
+
+async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    async with FaultUpstream() as upstream:
+        upstream.route("long", sse_script(text_events(LONG), delay=0.2))
+        proc, url = start_gateway(tmp_path, upstream.url, grace=30.0)
+        try:
+            async with aiohttp.ClientSession() as client:
+                long = asyncio.create_task(read_stream(client, url, "long"))
+                await upstream.wait_requests(1)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert proc.poll() is None  # still draining
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(proc.wait, 5)
+                assert time.monotonic() - started < 2
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await long
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
