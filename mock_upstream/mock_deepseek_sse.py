@@ -43,6 +43,7 @@ REASONING_TOKENS: tuple[str, ...] = ("The user", " greets", " me", ".")
 REASONING_TEXT = "".join(REASONING_TOKENS)
 
 TEST_MODES: tuple[str, ...] = (
+    "break_once",
     "normal",
     "rate_limit",
     "stream_error",
@@ -158,6 +159,8 @@ class Params:
     delay: float
     tokens: int
     prompt_tokens: int
+    prefix: str | None = None  # chat prefix completion: the assistant text to continue after
+    break_after: int = 4
 
 
 def make_usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[str, Any]:
@@ -207,6 +210,22 @@ def _tool_call_steps(call: ToolCallScript, thinking: bool) -> Iterator[Chunk]:
         )
 
 
+def continuation(tokens: list[str], prefix: str) -> list[str]:
+    """The tokens that follow `prefix` in the concatenation of `tokens` (a cut token's tail
+    first); everything when `prefix` is not a prefix of the text."""
+    text = "".join(tokens)
+    if not text.startswith(prefix):
+        return tokens
+    rest: list[str] = []
+    position = 0
+    for tok in tokens:
+        end = position + len(tok)
+        if end > len(prefix):
+            rest.append(tok[max(0, len(prefix) - position) :])
+        position = end
+    return rest
+
+
 def build_steps(p: Params) -> Iterator[Step]:
     """The scripted scenario of ``p.mode`` (not used for the plain HTTP error modes)."""
     mode = p.mode
@@ -237,6 +256,23 @@ def build_steps(p: Params) -> Iterator[Step]:
         usage = make_usage(p.prompt_tokens, completion, reasoning_count)
         yield Chunk(final_delta, "tool_calls", usage)
         yield Done()
+        return
+
+    if p.prefix is not None:
+        # Chat prefix completion (beta): continue exactly after the given assistant text.
+        full = [f"tok{i} " for i in range(p.tokens)] if mode == "long" else list(NORMAL_TOKENS)
+        rest = continuation(full, p.prefix)
+        for tok in rest:
+            yield Chunk({"content": tok, **({"reasoning_content": None} if thinking else {})})
+        usage = make_usage(p.prompt_tokens, completion + len(rest), reasoning_count)
+        yield Chunk(final_delta, "stop", usage)
+        yield Done()
+        return
+
+    if mode == "break_once":
+        for tok in NORMAL_TOKENS[: p.break_after]:
+            yield Chunk({"content": tok})
+        yield Drop()
         return
 
     if mode == "long":
@@ -468,6 +504,9 @@ def parse_params(body: Any) -> Params | JSONResponse:
         tokens = LONG_DEFAULT_TOKENS
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= 10_000_000:
         return error_response("mock_tokens must be an integer 0..10000000", "mock_tokens")
+    break_after = body.get("mock_break_after", 4)
+    if isinstance(break_after, bool) or not isinstance(break_after, int) or break_after < 0:
+        return error_response("mock_break_after must be an integer >= 0", "mock_break_after")
     return Params(
         model=model,
         stream=body.get("stream") is True,
@@ -475,7 +514,19 @@ def parse_params(body: Any) -> Params | JSONResponse:
         delay=float(delay),
         tokens=tokens,
         prompt_tokens=count_prompt_tokens(body.get("messages")),
+        prefix=prefix_of(body.get("messages")),
+        break_after=break_after,
     )
+
+
+def prefix_of(messages: Any) -> str | None:
+    """The content of a last `{"role": "assistant", "prefix": true}` message, if any."""
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("role") == "assistant" and last.get("prefix"):
+            content = last.get("content")
+            return content if isinstance(content, str) else ""
+    return None
 
 
 @asynccontextmanager
@@ -502,9 +553,20 @@ async def list_models() -> dict[str, Any]:
     }
 
 
+@app.post("/beta/chat/completions")
+@app.post("/beta/v1/chat/completions")
+async def beta_chat_completions(request: Request) -> Response:
+    """DeepSeek's beta base URL: the same API, plus chat prefix completion."""
+    return await answer(request, beta=True)
+
+
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    return await answer(request, beta=False)
+
+
+async def answer(request: Request, *, beta: bool) -> Response:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
@@ -512,6 +574,8 @@ async def chat_completions(request: Request) -> Response:
     parsed = parse_params(body)
     if isinstance(parsed, JSONResponse):
         return parsed
+    if parsed.prefix is not None and not beta:
+        return error_response("prefix completion needs the beta base URL", "messages")
     if parsed.mode == "rate_limit":
         return JSONResponse(RATE_LIMIT_ERROR, status_code=429)
     if parsed.mode == "server_error":

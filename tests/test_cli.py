@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -135,16 +136,18 @@ async def test_workers_share_one_port_and_aggregate_metrics(mock_upstream_url: s
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         url = f"http://127.0.0.1:{port}"
         payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        pids = set()
+        pids: set[int] = set()
         async with aiohttp.ClientSession() as client:
+            # both workers up: new connections until two different pids answered
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(pids) < 2 and asyncio.get_running_loop().time() < deadline:
+                async with client.get(url + "/healthz", headers={"Connection": "close"}) as r:
+                    pids.add((await r.json())["pid"])
             for _ in range(40):
-                # a new connection each time so the kernel may pick either worker
                 async with client.post(
                     url + "/v1/chat/completions", json=payload, headers={"Connection": "close"}
                 ) as resp:
                     assert spec_text(parse_events(await resp.read())).startswith("Hello")
-                async with client.get(url + "/healthz", headers={"Connection": "close"}) as resp:
-                    pids.add((await resp.json())["pid"])
             async with client.get(url + "/metrics") as resp:
                 text = await resp.text()
     finally:

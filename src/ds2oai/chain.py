@@ -62,6 +62,8 @@ class Trace:
     completion_tokens: int | None = None
     client_key_id: str | None = None
     malformed_chunks: int = 0
+    resumes: int = 0
+    resume_outcome: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,8 @@ class Exchange:
     client_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     client_key: str | None = field(default=None, repr=False)
+    # Set only by the gateway (resume uses the beta endpoint), never from the client.
+    upstream_url: str | None = None
     attempt: int = 0
     trace: Trace = field(default_factory=Trace, compare=False)
     # Route-specific state the dialect factory reads (e.g. a stored-responses session).
@@ -224,4 +228,12 @@ def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> 
         )
     if sum(1 for m in built if m.name == "reframe") != 1:
         raise ConfigError("middleware.chain: 'reframe' must appear exactly once")
+    limited = config.limits.sets_limits() or any(
+        client.sets_limits() for client in config.auth.clients.values()
+    )
+    if limited and not any(m.name == "limits" for m in built):
+        raise ConfigError(
+            "limits: per-key limits are set but 'limits' is not in [middleware] chain; add it "
+            'after "auth", e.g. chain = ["auth", "limits", "rate_limit", "retry", "reframe"]'
+        )
     return built

@@ -89,7 +89,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ds2oai: config error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.logging.level)
-    if not config.auth.api_keys and not _is_loopback(config.server.host):
+    if not (config.auth.api_keys or config.auth.clients) and not _is_loopback(config.server.host):
         log.warning(
             "no [auth] api_keys configured and binding a non-loopback address: anyone who can "
             "reach this port can use the upstream key",

@@ -21,12 +21,15 @@ from ds2oai.store.base import StoreConfig
 
 __all__ = [
     "AuthConfig",
+    "ClientKeyConfig",
     "Config",
+    "LimitsConfig",
     "LoggingConfig",
     "MiddlewareConfig",
     "ModelsConfig",
     "RateLimitConfig",
     "ResponsesConfig",
+    "ResumeConfig",
     "RetryConfig",
     "Secret",
     "ServerConfig",
@@ -79,8 +82,54 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientKeyConfig:
+    """`[auth.clients.<name>]`: one named client key with its own settings.
+
+    The key is `key` (in the file) or read from the environment variable named by `key_env`.
+    `models`: exposed model names this key may use (empty: all). The three limits override
+    `[limits]` for this key; None (left out) means "as in [limits]", 0 means unlimited.
+    """
+
+    key: Secret = field(default=Secret(""), repr=False)
+    key_env: str = ""
+    models: tuple[str, ...] = ()
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+
+    def sets_limits(self) -> bool:
+        limits = (self.requests_per_minute, self.tokens_per_minute, self.concurrent_streams)
+        return any(value is not None and value > 0 for value in limits)
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
+    # Accepted keys: this list, the lines of `key_file` and DS2OAI_API_KEYS (comma-separated),
+    # merged at load time; plus every `[auth.clients.<name>]` key.
     api_keys: tuple[Secret, ...] = field(default=(), repr=False)
+    key_file: str = ""
+    clients: Mapping[str, ClientKeyConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`[limits]`: per client key (see `ds2oai.middleware.limits`); 0 = unlimited.
+
+    Counted in this process's memory unless `redis_url` is set (DS2OAI_LIMITS_REDIS_URL
+    overrides), then shared by every process using that Redis. `on_redis_error`: "open" lets
+    requests through while Redis is unreachable, "closed" refuses them with a 503.
+    """
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    concurrent_streams: int = 0
+    # SECURITY: the URL may carry a password (redis://:pw@host); keep it out of reprs.
+    redis_url: str = field(default="", repr=False)
+    on_redis_error: str = "open"
+
+    def sets_limits(self) -> bool:
+        limits = (self.requests_per_minute, self.tokens_per_minute, self.concurrent_streams)
+        return any(value > 0 for value in limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +173,19 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeConfig:
+    """`[resume]`: continue a stream that broke mid-way with DeepSeek chat prefix completion."""
+
+    enabled: bool = False
+    max_attempts: int = 2
+    beta_base_url: str = ""  # default: {upstream.base_url}/beta
+
+    def endpoint(self, upstream_base_url: str) -> str:
+        base = self.beta_base_url or upstream_base_url.rstrip("/") + "/beta"
+        return base.rstrip("/") + "/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
 class ResponsesConfig:
     # Secret for sealing reasoning into `encrypted_content`; DS2OAI_SECRET overrides. Unset: a
     # per-process random key (blobs do not survive restarts or cross workers).
@@ -142,6 +204,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -207,6 +271,73 @@ def _middleware_section(data: Mapping[str, Any]) -> MiddlewareConfig:
     return dataclasses.replace(section, options={k: dict(v) for k, v in options.items()})
 
 
+_CLIENT_LIMITS = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
+
+
+def _client_section(name: str, data: Mapping[str, Any]) -> ClientKeyConfig:
+    prefix = f"auth.clients.{name}."
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix[:-1]}: expected a table")
+    limits = {k: _convert(data[k], int, prefix + k) for k in _CLIENT_LIMITS if k in data}
+    rest = {k: v for k, v in data.items() if k not in _CLIENT_LIMITS}
+    if "key" in rest and "key_env" in rest:
+        raise ConfigError(f"{prefix}key: set key or key_env, not both")
+    section = _build_section(ClientKeyConfig, rest, prefix)
+    return dataclasses.replace(section, **limits)
+
+
+def _read_key_file(path: str) -> tuple[Secret, ...]:
+    """One key per line; blank lines and lines starting with `#` are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(f"auth.key_file: cannot read {path}: {reason}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(Secret(line) for line in lines if line and not line.startswith("#"))
+
+
+def _auth_section(data: Mapping[str, Any]) -> AuthConfig:
+    clients = data.get("clients", {})
+    if not isinstance(clients, Mapping):
+        raise ConfigError("auth.clients: expected a table of [auth.clients.<name>] tables")
+    plain = {k: v for k, v in data.items() if k != "clients"}
+    section = _build_section(AuthConfig, plain, "auth.")
+    keys = section.api_keys
+    if section.key_file:
+        keys = (*keys, *_read_key_file(section.key_file))
+    built = {name: _client_section(name, value) for name, value in clients.items()}
+    return dataclasses.replace(section, api_keys=tuple(dict.fromkeys(keys)), clients=built)
+
+
+def _validate_auth_and_limits(config: Config) -> None:
+    if any(not k for k in config.auth.api_keys):
+        raise ConfigError("auth.api_keys: keys must not be empty strings")
+    seen: dict[str, str] = {}
+    for name, client in config.auth.clients.items():
+        prefix = f"auth.clients.{name}"
+        if not client.key and not client.key_env:
+            raise ConfigError(f"{prefix}: set key or key_env")
+        if any(not model for model in client.models):
+            raise ConfigError(f"{prefix}.models: names must not be empty strings")
+        for limit in _CLIENT_LIMITS:
+            value = getattr(client, limit)
+            if value is not None and value < 0:
+                raise ConfigError(f"{prefix}.{limit}: must be >= 0 (0 = unlimited)")
+        if client.key:
+            if client.key in seen:
+                raise ConfigError(f"{prefix}: same key as auth.clients.{seen[client.key]}")
+            seen[client.key] = name
+    limits = config.limits
+    for limit in _CLIENT_LIMITS:
+        if getattr(limits, limit) < 0:
+            raise ConfigError(f"limits.{limit}: must be >= 0 (0 = unlimited)")
+    if limits.on_redis_error not in ("open", "closed"):
+        raise ConfigError("limits.on_redis_error: one of open, closed")
+    if limits.redis_url and not limits.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("limits.redis_url: must start with redis://, rediss:// or unix://")
+
+
 def _validate(config: Config) -> None:
     s, u, r = config.server, config.upstream, config.retry
     if not 0 <= s.port <= 65535:
@@ -231,10 +362,15 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"retry.{name}: must be >= 0")
     if config.rate_limit.default_retry_after <= 0:
         raise ConfigError("rate_limit.default_retry_after: must be positive")
-    if any(not k for k in config.auth.api_keys):
-        raise ConfigError("auth.api_keys: keys must not be empty strings")
+    _validate_auth_and_limits(config)
     if config.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("logging.level: one of debug, info, warning, error")
+    if config.resume.max_attempts < 1:
+        raise ConfigError("resume.max_attempts: must be at least 1")
+    if config.resume.beta_base_url and not config.resume.beta_base_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("resume.beta_base_url: must start with http:// or https://")
     if not config.middleware.chain:
         raise ConfigError("middleware.chain: must not be empty (it needs at least 'reframe')")
 
@@ -244,11 +380,12 @@ _SECTIONS: dict[str, type[Any]] = {
     "upstream": UpstreamConfig,
     "retry": RetryConfig,
     "rate_limit": RateLimitConfig,
-    "auth": AuthConfig,
     "models": ModelsConfig,
     "logging": LoggingConfig,
     "store": StoreConfig,
     "responses": ResponsesConfig,
+    "resume": ResumeConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -260,6 +397,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"{name}: unknown key (expected a [section])")
         if name == "middleware":
             sections[name] = _middleware_section(value)
+        elif name == "auth":
+            sections[name] = _auth_section(value)
         elif name in _SECTIONS:
             if name == "upstream" and "api_key" in value:
                 raise ConfigError(
@@ -293,9 +432,37 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     store = config.store
     if env.get("DS2OAI_REDIS_URL"):
         store = dataclasses.replace(store, redis_url=env["DS2OAI_REDIS_URL"])
+    limits = config.limits
+    if env.get("DS2OAI_LIMITS_REDIS_URL"):
+        limits = dataclasses.replace(limits, redis_url=env["DS2OAI_LIMITS_REDIS_URL"])
     return dataclasses.replace(
-        config, upstream=upstream, server=server, responses=responses, store=store
+        config,
+        upstream=upstream,
+        server=server,
+        responses=responses,
+        store=store,
+        limits=limits,
+        auth=_auth_from_env(config.auth, env),
     )
+
+
+def _auth_from_env(auth: AuthConfig, env: Mapping[str, str]) -> AuthConfig:
+    """DS2OAI_API_KEYS (comma-separated) joins `api_keys`; `key_env` names are read."""
+    keys = auth.api_keys
+    if env.get("DS2OAI_API_KEYS"):
+        extra = (Secret(k.strip()) for k in env["DS2OAI_API_KEYS"].split(","))
+        keys = tuple(dict.fromkeys((*keys, *(k for k in extra if k))))
+    clients = dict(auth.clients)
+    for name, client in auth.clients.items():
+        if client.key_env:
+            value = env.get(client.key_env, "")
+            if not value:
+                raise ConfigError(
+                    f"auth.clients.{name}.key_env: environment variable {client.key_env} "
+                    "is not set or empty"
+                )
+            clients[name] = dataclasses.replace(client, key=Secret(value))
+    return dataclasses.replace(auth, api_keys=keys, clients=clients)
 
 
 def load_config(

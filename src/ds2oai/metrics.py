@@ -24,9 +24,12 @@ __all__ = [
     "ATTEMPTS",
     "CONTENT_TYPE",
     "IN_FLIGHT",
+    "LIMITS_BACKEND_ERRORS",
+    "LIMITS_REFUSED",
     "MIDDLEWARE_SECONDS",
     "QUEUE_WAIT",
     "REQUESTS",
+    "RESUMES",
     "STREAMS",
     "TOKENS",
     "TTFT",
@@ -65,6 +68,24 @@ MIDDLEWARE_SECONDS = Histogram(
     "Time from entering a middleware until it returns its reply (inner stages included)",
     ["middleware"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+
+LIMITS_REFUSED = Counter(
+    "ds2oai_limits_refused",
+    "Requests refused by per-key limits, by key id (a hash) and limit (requests/tokens/streams)",
+    ["key_id", "limit"],
+)
+LIMITS_BACKEND_ERRORS = Counter(
+    "ds2oai_limits_backend_errors",
+    "Failed calls to the per-key limits backend (Redis), by operation and on_redis_error policy",
+    ["operation", "policy"],
+)
+
+
+RESUMES = Counter(
+    "ds2oai_resumes",
+    "Broken streams continued with chat prefix completion, by final outcome",
+    ["outcome"],
 )
 
 

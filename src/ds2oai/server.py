@@ -445,8 +445,13 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("no [responses] secret / DS2OAI_SECRET: encrypted reasoning is per-process")
     app[READINESS] = Readiness(client.probe)
     endpoint: Next = client
-    app[CHAIN] = fold(build_middleware(config, BUILTINS), endpoint)
+    middlewares = build_middleware(config, BUILTINS)
+    app[CHAIN] = fold(middlewares, endpoint)
     yield
+    for middleware in middlewares:
+        close = getattr(middleware, "aclose", None)  # stages holding resources (limits' Redis)
+        if close is not None:
+            await close()
     await client.close()
     await app[STORE].close()
 

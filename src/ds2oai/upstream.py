@@ -90,7 +90,7 @@ class UpstreamClient:
             headers["Authorization"] = self._auth  # SECURITY: the gateway's key, never the client's
         try:
             response = await self._session.post(
-                self._url,
+                exchange.upstream_url or self._url,
                 data=jsonutil.dumps(exchange.upstream_body),
                 headers=headers,
                 timeout=self._timeout,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.completion import CompletionCollector
 from ds2oai.dialects.spec import SpecDialect
-from ds2oai.errors import ClientError, SSEDecodeError, UpstreamStreamError
+from ds2oai.errors import ClientError, GatewayError, SSEDecodeError, UpstreamStreamError
 from ds2oai.events import (
     Chunk,
     Done,
@@ -39,7 +40,8 @@ from ds2oai.events import (
     UpstreamEvent,
     parse_upstream_event,
 )
-from ds2oai.metrics import QUEUE_WAIT
+from ds2oai.metrics import QUEUE_WAIT, RESUMES
+from ds2oai.resume import Progress, ResumePolicy
 from ds2oai.sse import SSEComment, SSEDecoder, encode_comment
 from ds2oai.upstream import read_limited
 from ds2oai.upstream_errors import (
@@ -131,17 +133,26 @@ class Reframe:
         *,
         secrets: tuple[str, ...] = (),
         keepalive_interval: float = 0.0,
+        resume: ResumePolicy | None = None,
     ) -> None:
         self._dialects = dict(DIALECTS if dialects is None else dialects)
         self._collectors = dict(COLLECTORS if collectors is None else collectors)
         self._secrets = secrets
         self._keepalive = keepalive_interval
+        self._resume = resume
 
     @classmethod
     def from_config(cls, config: Config) -> Reframe:
+        resume = None
+        if config.resume.enabled:
+            resume = ResumePolicy(
+                max_attempts=config.resume.max_attempts,
+                url=config.resume.endpoint(config.upstream.base_url),
+            )
         return cls(
             secrets=(config.upstream.api_key,),
             keepalive_interval=config.server.keepalive_interval,
+            resume=resume,
         )
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
@@ -157,7 +168,8 @@ class Reframe:
         if not exchange.stream:
             return await self._collect(exchange, reply.body)
         dialect = self._dialects[exchange.dialect](exchange)
-        return Reply(200, dict(_STREAM_HEADERS), self._stream(exchange, reply.body, dialect))
+        stream = self._stream(exchange, reply.body, dialect, call_next)
+        return Reply(200, dict(_STREAM_HEADERS), stream)
 
     def _non_sse_answer(self, body: bytes) -> ClientError:
         error = error_from_upstream(200, {}, body, secrets=self._secrets)
@@ -245,14 +257,17 @@ class Reframe:
         except Exception:
             log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
 
-    async def _stream(self, exchange: Exchange, body: Body, dialect: Dialect) -> Body:
+    async def _stream(
+        self, exchange: Exchange, body: Body, dialect: Dialect, call_next: Next
+    ) -> Body:
         decoder = SSEDecoder()
+        progress = Progress() if self._resume is not None else None
         sent = False  # any byte went downstream: failures are events from now on
         started = False  # the dialect produced output: no more keep-alive comments
         pending: asyncio.Task[bytes | None] | None = None
         try:
-            try:
-                while True:
+            while True:
+                try:
                     if not started and self._keepalive > 0:
                         if pending is None:
                             pending = asyncio.ensure_future(_next(body))
@@ -264,48 +279,83 @@ class Reframe:
                         data, pending = pending.result(), None
                     else:
                         data = await _next(body)
-                    if data is None:
-                        break
-                    out = b""
-                    for event in self._events(exchange, decoder, data):
-                        if not sent and not out:
-                            self._raise_if_failed_early(event)
-                        out += dialect.feed(event)
-                        if dialect.outcome is not None:
+                    events: list[UpstreamEvent] = (
+                        [EndOfBody()] if data is None else self._events(exchange, decoder, data)
+                    )
+                except UpstreamStreamError as exc:
+                    events = [StreamBroken(exc.message, timeout=exc.timeout)]
+                except SSEDecodeError as exc:
+                    events = [StreamBroken(str(exc))]
+                out = b""
+                resumed: Body | None = None
+                for event in events:
+                    if progress is not None and isinstance(event, Chunk):
+                        event = progress.observe(event)
+                    if sent and progress is not None and self._is_break(event, progress):
+                        resumed = await self._resume_stream(exchange, call_next, progress)
+                        if resumed is not None:
                             break
+                    if not sent and not out:
+                        self._raise_if_failed_early(event)
+                    out += dialect.feed(event)
                     if dialect.outcome is not None:
-                        await self._end(exchange)
-                    if out:
-                        sent = started = True
-                        yield out
-                    if dialect.outcome is not None:
-                        return
-                tail = EndOfBody()
-                if not sent:
-                    self._raise_if_failed_early(tail)
-                out = dialect.feed(tail)
-                await self._end(exchange)
+                        break
+                if dialect.outcome is not None:
+                    await self._end(exchange)
                 if out:
+                    sent = started = True
                     yield out
-            except (UpstreamStreamError, SSEDecodeError) as exc:
-                broken = (
-                    StreamBroken(exc.message, timeout=exc.timeout)
-                    if isinstance(exc, UpstreamStreamError)
-                    else StreamBroken(str(exc))
-                )
-                if not sent:
-                    self._raise_if_failed_early(broken)
-                out = dialect.feed(broken)
-                await self._end(exchange)
-                if out:
-                    yield out
+                if dialect.outcome is not None:
+                    return
+                if resumed is not None:
+                    await body.aclose()
+                    body, decoder = resumed, SSEDecoder()
         finally:
-            exchange.trace.outcome = exchange.trace.outcome or dialect.outcome
+            trace = exchange.trace
+            trace.outcome = trace.outcome or dialect.outcome
+            if progress is not None and progress.attempts:
+                trace.resumes = progress.attempts
+                trace.resume_outcome = "completed" if dialect.outcome == "completed" else "failed"
+                RESUMES.labels(trace.resume_outcome).inc()
             if pending is not None:
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
             await body.aclose()
+
+    def _is_break(self, event: UpstreamEvent, progress: Progress) -> bool:
+        """A failure that resume may repair: drop, reset, silence, or an end without finish."""
+        if isinstance(event, StreamBroken):
+            return True
+        return isinstance(event, EndOfBody | Done) and not progress.finished
+
+    async def _resume_stream(
+        self, exchange: Exchange, call_next: Next, progress: Progress
+    ) -> Body | None:
+        """Ask the beta endpoint for the continuation; None when resume is not possible."""
+        policy = self._resume
+        if policy is None or not progress.resumable() or progress.attempts >= policy.max_attempts:
+            return None
+        attempt = dataclasses.replace(
+            exchange,
+            upstream_body=progress.next_attempt(exchange.upstream_body),
+            upstream_url=policy.url,
+        )
+        log.info(
+            "resuming broken stream",
+            extra={"request_id": exchange.request_id, "resume_attempt": progress.attempts},
+        )
+        try:
+            reply = await call_next(attempt)
+        except GatewayError:
+            return None
+        content_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
+        if reply.status != 200 or content_type != "text/event-stream":
+            await reply.aclose()
+            return None
+        if isinstance(reply.body, bytes):  # pragma: no cover - the endpoint always streams
+            return None
+        return reply.body
 
     def _raise_if_failed_early(self, event: UpstreamEvent) -> None:
         """Before any downstream byte a failure is a plain HTTP error, not an SSE event."""
