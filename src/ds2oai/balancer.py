@@ -144,10 +144,18 @@ W = TypeVar("W", bound=_Weighted)
 
 
 def choose(
-    candidates: Sequence[W], *, exclude: Sequence[W] = (), rand: Callable[[], float] = random.random
+    candidates: Sequence[W],
+    *,
+    exclude: Sequence[W] = (),
+    rand: Callable[[], float] = random.random,
+    ignore_breakers: bool = False,
 ) -> W | None:
     """Weighted random pick among candidates whose breaker allows a request."""
-    usable = [c for c in candidates if c not in exclude and c.weight > 0 and c.breaker.allows()]
+    usable = [
+        c
+        for c in candidates
+        if c not in exclude and c.weight > 0 and (ignore_breakers or c.breaker.allows())
+    ]
     if not usable:
         return None
     total = sum(c.weight for c in usable)

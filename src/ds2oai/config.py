@@ -21,12 +21,14 @@ from ds2oai.store.base import StoreConfig
 
 __all__ = [
     "AuthConfig",
+    "BalancerConfig",
     "ClientKeyConfig",
     "Config",
     "LimitsConfig",
     "LoggingConfig",
     "MiddlewareConfig",
     "ModelsConfig",
+    "PoolTargetConfig",
     "RateLimitConfig",
     "ResponsesConfig",
     "ResumeConfig",
@@ -173,6 +175,29 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolTargetConfig:
+    """`[pool.<name>]`: one more upstream (DeepSeek itself or any OpenAI-compatible host serving
+    DeepSeek models). With no `[pool.*]` tables, `[upstream]` is the only upstream."""
+
+    base_url: str = ""
+    key_env: str = "DEEPSEEK_API_KEY"  # the environment variable holding this host's key
+    weight: float = 1.0
+    models: Mapping[str, str] = field(default_factory=dict)  # upstream model -> this host's name
+    api_key: Secret = field(default=Secret(""), repr=False)  # filled from key_env, never the file
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    """`[balancer]`: circuit breakers per upstream and the retry budget (Envoy's idea)."""
+
+    failure_threshold: int = 5  # failures within failure_window open an upstream's breaker
+    failure_window: float = 30.0
+    open_seconds: float = 30.0  # then one half-open probe
+    retry_budget_ratio: float = 0.2  # retries may add at most this fraction of requests
+    retry_budget_min: int = 10  # ... but at least this many per 10 s
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeConfig:
     """`[resume]`: continue a stream that broke mid-way with DeepSeek chat prefix completion."""
 
@@ -205,6 +230,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    pool: Mapping[str, PoolTargetConfig] = field(default_factory=dict)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
@@ -259,6 +286,25 @@ def _build_section(cls: type[_T], data: Mapping[str, Any], prefix: str) -> _T:
             raise ConfigError(f"{prefix}{key}: unknown key")
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _pool_section(data: Mapping[str, Any]) -> dict[str, PoolTargetConfig]:
+    pool: dict[str, PoolTargetConfig] = {}
+    for name, value in data.items():
+        prefix = f"pool.{name}."
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"pool.{name}: expected a [pool.{name}] table")
+        if "api_key" in value:
+            raise ConfigError(f"{prefix}api_key: name an environment variable with key_env")
+        target = _build_section(PoolTargetConfig, value, prefix)
+        if not target.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}base_url: must start with http:// or https://")
+        if target.weight < 0:
+            raise ConfigError(f"{prefix}weight: must be >= 0")
+        pool[name] = target
+    if pool and not any(t.weight > 0 for t in pool.values()):
+        raise ConfigError("pool: at least one upstream needs a weight above 0")
+    return pool
 
 
 def _middleware_section(data: Mapping[str, Any]) -> MiddlewareConfig:
@@ -365,6 +411,14 @@ def _validate(config: Config) -> None:
     _validate_auth_and_limits(config)
     if config.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("logging.level: one of debug, info, warning, error")
+    b = config.balancer
+    if b.failure_threshold < 1:
+        raise ConfigError("balancer.failure_threshold: must be at least 1")
+    for name in ("failure_window", "open_seconds", "retry_budget_ratio"):
+        if getattr(b, name) < 0:
+            raise ConfigError(f"balancer.{name}: must be >= 0")
+    if b.retry_budget_min < 0:
+        raise ConfigError("balancer.retry_budget_min: must be >= 0")
     if config.resume.max_attempts < 1:
         raise ConfigError("resume.max_attempts: must be at least 1")
     if config.resume.beta_base_url and not config.resume.beta_base_url.startswith(
@@ -385,6 +439,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "responses": ResponsesConfig,
     "resume": ResumeConfig,
+    "balancer": BalancerConfig,
     "limits": LimitsConfig,
 }
 
@@ -395,7 +450,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> Config:
     for name, value in data.items():
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name}: unknown key (expected a [section])")
-        if name == "middleware":
+        if name == "pool":
+            sections[name] = _pool_section(value)
+        elif name == "middleware":
             sections[name] = _middleware_section(value)
         elif name == "auth":
             sections[name] = _auth_section(value)
@@ -426,6 +483,11 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
             server = dataclasses.replace(server, port=int(env["PORT"]))
         except ValueError:
             raise ConfigError("PORT: expected an integer") from None
+    pool = {
+        name: dataclasses.replace(target, api_key=Secret(env.get(target.key_env, "")))
+        for name, target in config.pool.items()
+    }
+    config = dataclasses.replace(config, pool=pool)
     responses = config.responses
     if env.get("DS2OAI_SECRET"):
         responses = dataclasses.replace(responses, secret=Secret(env["DS2OAI_SECRET"]))

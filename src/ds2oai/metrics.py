@@ -30,6 +30,8 @@ __all__ = [
     "QUEUE_WAIT",
     "REQUESTS",
     "RESUMES",
+    "RETRY_BUDGET_EXHAUSTED",
+    "SELECTED",
     "STREAMS",
     "TOKENS",
     "TTFT",
@@ -86,6 +88,19 @@ RESUMES = Counter(
     "ds2oai_resumes",
     "Broken streams continued with chat prefix completion, by final outcome",
     ["outcome"],
+)
+
+
+SELECTED = Counter(
+    "ds2oai_upstream_selected",
+    "Requests sent to each upstream of the pool, by result (HTTP status, connect_error, timeout)",
+    ["upstream", "result"],
+)
+
+
+RETRY_BUDGET_EXHAUSTED = Counter(
+    "ds2oai_retry_budget_exhausted",
+    "Retries not made because the retry budget was used up",
 )
 
 

@@ -437,7 +437,7 @@ def _dumps(obj: Any) -> str:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    client = UpstreamClient.create(config.upstream)
+    client = UpstreamClient.create(config)
     app[UPSTREAM] = client
     app[STORE] = open_store(config.store)
     app[SEALER] = Sealer(config.responses.secret)

@@ -11,16 +11,20 @@ how a client disconnect stops the upstream generating tokens nobody will read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import aiohttp
 
 from ds2oai import jsonutil
+from ds2oai.balancer import CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
-from ds2oai.config import UpstreamConfig
+from ds2oai.config import Config, UpstreamConfig
 from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
-from ds2oai.metrics import ATTEMPTS
+from ds2oai.metrics import ATTEMPTS, SELECTED
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
-__all__ = ["UpstreamClient", "read_limited"]
+__all__ = ["Target", "UpstreamClient", "read_limited", "targets_from_config"]
 
 # Headers the upstream request never takes from anywhere but this module.
 _RESERVED = frozenset(
@@ -28,13 +32,63 @@ _RESERVED = frozenset(
 )
 
 
-class UpstreamClient:
-    """Callable as the chain's endpoint: `await client(exchange) -> Reply`."""
+@dataclass(eq=False)
+class Target:
+    """One upstream: where to POST, with which key, how much traffic, its breaker."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    name: str
+    url: str
+    auth: str | None = field(repr=False)
+    weight: float
+    models: Mapping[str, str]
+    breaker: CircuitBreaker
+
+
+def targets_from_config(config: Config) -> list[Target]:
+    """`[pool.*]` when given, else the single `[upstream]`."""
+
+    def breaker() -> CircuitBreaker:
+        b = config.balancer
+        return CircuitBreaker(
+            threshold=b.failure_threshold, window=b.failure_window, open_seconds=b.open_seconds
+        )
+
+    def auth(key: str) -> str | None:
+        return f"Bearer {key}" if key else None
+
+    if not config.pool:
+        u = config.upstream
+        url = u.base_url.rstrip("/") + "/v1/chat/completions"
+        return [Target("default", url, auth(u.api_key), 1.0, {}, breaker())]
+    return [
+        Target(
+            name,
+            t.base_url.rstrip("/") + "/v1/chat/completions",
+            auth(t.api_key),
+            t.weight,
+            dict(t.models),
+            breaker(),
+        )
+        for name, t in config.pool.items()
+    ]
+
+
+class UpstreamClient:
+    """Callable as the chain's endpoint: `await client(exchange) -> Reply`.
+
+    With several upstreams (`[pool.*]`) it picks one by weight among those whose circuit
+    breaker is closed (or half-open, one probe at a time), and fails over to another before the
+    first byte when the chosen one cannot be reached or answers 5xx/429.
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        targets: list[Target] | None = None,
+    ) -> None:
         self._config = config
         self._session = session
-        self._url = config.base_url.rstrip("/") + "/v1/chat/completions"
         self._read_timeout = config.read_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # a long stream is not an error; silence is (sock_read)
@@ -42,14 +96,20 @@ class UpstreamClient:
             sock_connect=config.connect_timeout,
             sock_read=config.read_timeout,
         )
-        self._auth = f"Bearer {config.api_key}" if config.api_key else None
+        default_url = config.base_url.rstrip("/") + "/v1/chat/completions"
+        default_auth = f"Bearer {config.api_key}" if config.api_key else None
+        self._targets = targets or [
+            Target("default", default_url, default_auth, 1.0, {}, CircuitBreaker())
+        ]
+        self._auth = default_auth
         self._open: set[aiohttp.ClientResponse] = set()
         self._abort_reason: str | None = None
 
     @classmethod
-    def create(cls, config: UpstreamConfig) -> UpstreamClient:
+    def create(cls, config: Config) -> UpstreamClient:
+        upstream = config.upstream
         connector = aiohttp.TCPConnector(
-            limit=config.max_connections,
+            limit=upstream.max_connections,
             limit_per_host=0,
             keepalive_timeout=30.0,
             enable_cleanup_closed=False,
@@ -61,11 +121,15 @@ class UpstreamClient:
             raise_for_status=False,
             skip_auto_headers=("User-Agent",),
         )
-        return cls(config, session)
+        return cls(upstream, session, targets_from_config(config))
 
     @property
     def base_url(self) -> str:
         return self._config.base_url
+
+    @property
+    def targets(self) -> list[Target]:
+        return self._targets
 
     async def close(self) -> None:
         await self._session.close()
@@ -82,16 +146,66 @@ class UpstreamClient:
             return False, type(exc).__name__
 
     async def __call__(self, exchange: Exchange) -> Reply:
+        if exchange.upstream_url is not None:  # resume: the configured beta endpoint
+            return await self._post(exchange, exchange.upstream_url, self._auth, {})
+        tried: list[Target] = []
+        last_error: UpstreamConnectError | None = None
+        pooled = len(self._targets) > 1  # breakers only matter where there is a choice
+        while True:
+            target = choose(self._targets, exclude=tried) if pooled else None
+            if pooled and target is not None and not target.breaker.acquire():
+                tried.append(target)
+                continue
+            if target is None:
+                untried = [t for t in self._targets if t not in tried]
+                if not untried:
+                    assert last_error is not None
+                    raise last_error
+                # Panic mode (Envoy's term): every breaker is open, try them by weight anyway.
+                target = choose(untried, ignore_breakers=True) or untried[0]
+            tried.append(target)
+            try:
+                reply = await self._post(exchange, target.url, target.auth, target.models)
+            except UpstreamConnectError as exc:
+                target.breaker.failure()
+                SELECTED.labels(target.name, "connect_error").inc()
+                last_error = exc
+                if not pooled:
+                    raise
+                continue  # fail over before the first byte
+            except UpstreamTimeoutError:
+                target.breaker.failure()
+                SELECTED.labels(target.name, "timeout").inc()
+                raise
+            if reply.status >= 500 or reply.status == 429:
+                if reply.status >= 500:
+                    target.breaker.failure()  # a 429 is about load, not health
+                SELECTED.labels(target.name, str(reply.status)).inc()
+                if pooled and choose(self._targets, exclude=tried) is not None:
+                    await reply.aclose()
+                    continue  # another upstream may answer
+                return reply
+            target.breaker.success()
+            SELECTED.labels(target.name, str(reply.status)).inc()
+            return reply
+
+    async def _post(
+        self, exchange: Exchange, url: str, auth: str | None, models: Mapping[str, str]
+    ) -> Reply:
         exchange.trace.attempts += 1
         headers = {k: v for k, v in exchange.upstream_headers.items() if k.lower() not in _RESERVED}
         headers["Content-Type"] = "application/json"
         headers["Accept"] = "text/event-stream"
-        if self._auth is not None:
-            headers["Authorization"] = self._auth  # SECURITY: the gateway's key, never the client's
+        if auth is not None:
+            headers["Authorization"] = auth  # SECURITY: the gateway's key, never the client's
+        body = exchange.upstream_body
+        model = body.get("model")
+        if models and isinstance(model, str) and model in models:
+            body = {**body, "model": models[model]}
         try:
             response = await self._session.post(
-                exchange.upstream_url or self._url,
-                data=jsonutil.dumps(exchange.upstream_body),
+                url,
+                data=jsonutil.dumps(body),
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

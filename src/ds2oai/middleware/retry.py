@@ -6,7 +6,9 @@ exponential backoff and full jitter (`uniform(0, min(max_delay, base_delay * 2**
 `Retry-After`/`retry-after-ms` on every attempt (capped at `retry_after_cap`), all within
 `deadline` seconds. Every discarded reply is closed. Position: inside `rate_limit` and
 `reframe`: it only ever sees replies whose body nobody has read, so it cannot duplicate text.
-Fails: when out of attempts or time it returns the last reply / raises the last error.
+A process-wide retry budget (`[balancer] retry_budget_ratio`, `retry_budget_min`) caps retries
+at a fraction of recent requests, so a failing upstream is not hammered by retry storms.
+Fails: when out of attempts, time or budget it returns the last reply / raises the last error.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from ds2oai.balancer import RetryBudget
 from ds2oai.chain import Exchange, Next, Reply
 from ds2oai.config import Config, RetryConfig
 from ds2oai.errors import UpstreamConnectError
+from ds2oai.metrics import RETRY_BUDGET_EXHAUSTED
 from ds2oai.upstream_errors import retry_after_value
 
 __all__ = ["RETRYABLE_STATUSES", "Retry"]
@@ -37,15 +41,26 @@ class Retry:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        budget: RetryBudget | None = None,
     ) -> None:
         self._config = config
         self._sleep = sleep
         self._rand = rand
         self._clock = clock
+        self._budget = budget
 
     @classmethod
     def from_config(cls, config: Config) -> Retry:
-        return cls(config.retry)
+        b = config.balancer
+        budget = RetryBudget(ratio=b.retry_budget_ratio, min_retries=b.retry_budget_min)
+        return cls(config.retry, budget=budget)
+
+    def _may_retry(self) -> bool:
+        """The process-wide retry budget: retries add at most a fraction of the load."""
+        if self._budget is None or self._budget.try_retry():
+            return True
+        RETRY_BUDGET_EXHAUSTED.inc()
+        return False
 
     def backoff(self, retries_done: int) -> float:
         c = self._config
@@ -56,6 +71,8 @@ class Retry:
         c = self._config
         deadline = self._clock() + c.deadline
         attempt = 0
+        if self._budget is not None:
+            self._budget.request()
         while True:
             current = dataclasses.replace(exchange, attempt=attempt)
             reply: Reply | None = None
@@ -65,7 +82,7 @@ class Retry:
                 if attempt >= c.max_retries:
                     raise
                 delay = self.backoff(attempt)
-                if self._clock() + delay > deadline:
+                if self._clock() + delay > deadline or not self._may_retry():
                     raise
             else:
                 if reply.status not in RETRYABLE_STATUSES or attempt >= c.max_retries:
@@ -76,7 +93,7 @@ class Retry:
                     if hinted > c.retry_after_cap:
                         return reply  # the upstream asks for longer than we may wait
                     delay = hinted
-                if self._clock() + delay > deadline:
+                if self._clock() + delay > deadline or not self._may_retry():
                     return reply
                 await reply.aclose()
             attempt += 1
