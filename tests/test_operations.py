@@ -54,6 +54,7 @@ async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
     assert delta("ds2oai_tokens_total", model="metrics-model", direction="in") == 5
     assert delta("ds2oai_tokens_total", model="metrics-model", direction="out") == 2
     assert delta("ds2oai_time_to_first_token_seconds_count") == 1
+    assert delta("ds2oai_gateway_added_latency_seconds_count") == 1
     assert delta("ds2oai_middleware_seconds_count", middleware="retry") == 1
     assert value(after, "ds2oai_streams_in_flight") == 0
 

@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "ADDED_LATENCY",
     "ATTEMPTS",
     "CONTENT_TYPE",
     "IN_FLIGHT",
@@ -55,6 +56,11 @@ TTFT = Histogram(
     "ds2oai_time_to_first_token_seconds",
     "Request start to the first upstream token",
     buckets=_LATENCY_BUCKETS,
+)
+ADDED_LATENCY = Histogram(
+    "ds2oai_gateway_added_latency_seconds",
+    "The upstream's first token arriving -> the same token written to the client",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
 QUEUE_WAIT = Histogram(
     "ds2oai_upstream_queue_wait_seconds",

@@ -248,10 +248,14 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         metrics.IN_FLIGHT.inc()
         in_flight = True
         try:
+            measured = False
             if first:
                 await response.write(first)
+                measured = _added_latency(trace)
             async for data in body:
                 await response.write(data)
+                if not measured:
+                    measured = _added_latency(trace)
             await response.write_eof()
         except ConnectionError:
             # The client went away mid-stream: stop reading upstream (finally closes it).
@@ -285,6 +289,14 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     request[_EXCHANGE] = exchange
     reply = await request.app[CHAIN](exchange)
     return await _send(request, exchange, reply)
+
+
+def _added_latency(trace: Trace) -> bool:
+    """Observe once: upstream's first token in -> written downstream (the gateway's share)."""
+    if trace.first_token_at is None:
+        return False
+    metrics.ADDED_LATENCY.observe(time.monotonic() - trace.first_token_at)
+    return True
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
