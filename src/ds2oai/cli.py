@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -51,6 +52,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    """uvloop when configured and installed (it is a dependency on Linux), else asyncio's."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - e.g. a platform without wheels
+            log.warning("server.uvloop is on but uvloop is not installed; using asyncio's loop")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def _serve_one(config: Config) -> None:
     logs.configure(config.logging.level)
     app = create_app(config, owns_process=True)
@@ -61,6 +74,7 @@ def _serve_one(config: Config) -> None:
 
     web.run_app(
         app,
+        loop=_new_loop(config.server.uvloop),
         host=host,
         port=port,
         handler_cancellation=True,

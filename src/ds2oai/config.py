@@ -58,6 +58,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     workers: int = 1
     keepalive_interval: float = 15.0
+    uvloop: bool = True  # run on uvloop when it is installed
 
 
 @dataclass(frozen=True, slots=True)
