@@ -267,11 +267,15 @@ class _Conn:
 class FaultUpstream:
     """Fake upstream on 127.0.0.1 whose responses follow scripts (see the module docstring)."""
 
-    def __init__(self, default: Script | None = None, *, hang_limit: float = HANG_LIMIT) -> None:
+    def __init__(
+        self, default: Script | None = None, *, hang_limit: float = HANG_LIMIT, backlog: int = 2048
+    ) -> None:
         self.default: Script = (
             default if default is not None else sse_script(text_events(["Hello", " world"]))
         )
         self.hang_limit = hang_limit
+        # a burst of connects must not overflow the accept queue (asyncio's default is 100)
+        self.backlog = backlog
         self.requests: list[RecordedRequest] = []
         self.connections_open = 0
         self.connections_total = 0
@@ -293,7 +297,9 @@ class FaultUpstream:
         if self._server is not None:
             raise RuntimeError("FaultUpstream already started")
         self._stopping = False
-        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(
+            self._on_connect, "127.0.0.1", 0, backlog=self.backlog
+        )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

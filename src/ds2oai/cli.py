@@ -78,6 +78,10 @@ def _serve_one(config: Config) -> None:
         host=host,
         port=port,
         handler_cancellation=True,
+        # aiohttp's keep-alive timer also runs from accept until the first request head is
+        # complete, and bytes trickling in do not reset it: it is our header read timeout.
+        keepalive_timeout=config.server.header_timeout,
+        backlog=config.server.backlog,
         access_log=None,
         shutdown_timeout=config.server.shutdown_grace,
         print=ready,

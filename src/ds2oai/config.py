@@ -59,6 +59,9 @@ class ServerConfig:
     workers: int = 1
     keepalive_interval: float = 15.0
     uvloop: bool = True  # run on uvloop when it is installed
+    header_timeout: float = 10.0  # a request head must arrive within this (also keep-alive idle)
+    body_timeout: float = 30.0  # the request body must arrive within this
+    backlog: int = 1024  # listen queue for bursts of new connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +394,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("server.port: must be 0..65535")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    for name in ("header_timeout", "body_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"server.{name}: must be positive")
+    if s.backlog < 1:
+        raise ConfigError("server.backlog: must be at least 1")
     if s.keepalive_interval < 0:
         raise ConfigError("server.keepalive_interval: must be >= 0 (0 = off)")
     if s.workers < 1:

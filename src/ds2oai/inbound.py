@@ -35,7 +35,30 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise _invalid("invalid_json", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _invalid("invalid_body", "The request body must be a JSON object")
+    if _depth_exceeds(body, MAX_DEPTH):
+        raise _invalid(
+            "too_deeply_nested", f"The request body nests JSON deeper than {MAX_DEPTH} levels"
+        )
     return body
+
+
+# orjson parses up to 1024 levels but serializes at most 254; the upstream body is re-encoded,
+# so anything deeper would fail there. No real request nests anywhere near this.
+MAX_DEPTH = 128
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative (no recursion limit to hit) check of container nesting depth."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,7 +203,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"The request body is over {limit} bytes",
         )
     try:
-        return await request.read()
+        async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ClientError(
+            408,
+            "invalid_request_error",
+            "body_timeout",
+            "The request body did not arrive in time",
+            headers={"Connection": "close"},
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise ClientError(
             413,
