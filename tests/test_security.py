@@ -1,0 +1,102 @@
+"""Secrets stay secret; the client cannot steer the upstream (SSRF) or its headers."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.fault_upstream import Close, FaultUpstream, json_response, sse_script, text_events
+
+UPSTREAM_KEY = "sk-upstream-PLANTED-93be1c"
+CLIENT_KEY = "client-PLANTED-4471aa"
+
+
+async def test_planted_keys_never_reach_responses_metrics_or_logs(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leaky = f"Authentication Fails, Your api key: {UPSTREAM_KEY} is invalid"
+    fault_upstream.queue(
+        json_response(401, {"error": {"message": leaky}}),
+        json_response(400, {"error": {"message": f"bad {UPSTREAM_KEY}", "code": "x"}}),
+        json_response(500, {"error": {"message": f"boom Bearer {UPSTREAM_KEY}"}}),
+        json_response(500, {"error": {"message": f"boom Bearer {UPSTREAM_KEY}"}}),
+        json_response(500, {"error": {"message": f"boom Bearer {UPSTREAM_KEY}"}}),
+        sse_script(
+            [
+                *text_events(["a"])[:2],
+                f'data: {{"error": {{"message": "{UPSTREAM_KEY}"}}}}\n\n'.encode(),
+            ]
+        ),
+        sse_script(text_events(["a"])[:2], end=Close()),
+    )
+    server = await gateway(
+        fault_upstream.url, api_key=UPSTREAM_KEY, auth={"api_keys": [CLIENT_KEY]}
+    )
+    url = server.make_url("/v1/chat/completions")
+    seen = b""
+    with caplog.at_level(logging.DEBUG):
+        for headers in ({"Authorization": f"Bearer {CLIENT_KEY}"},) * 5 + (
+            {"Authorization": "Bearer wrong"},
+            {},
+        ):
+            async with client.post(
+                url, json={"messages": [], "stream": True}, headers=headers
+            ) as resp:
+                seen += await resp.read() + str(dict(resp.headers)).encode()
+        async with client.get(server.make_url("/metrics")) as resp:
+            seen += await resp.read()
+    logged = "\n".join(str(vars(record)) for record in caplog.records)
+    for secret in (UPSTREAM_KEY, CLIENT_KEY):
+        assert secret.encode() not in seen
+        assert secret not in logged
+    assert b"[redacted]" in seen  # the upstream's messages were kept, the key removed
+
+
+async def test_the_client_cannot_steer_the_upstream_url_or_headers(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(fault_upstream.url, api_key="sk-gw")
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={
+            "messages": [],
+            "stream": True,
+            "upstream_url": "http://169.254.169.254/latest",
+            "base_url": "http://169.254.169.254",
+        },
+        headers={
+            "Host": "169.254.169.254",
+            "X-Forwarded-Host": "169.254.169.254",
+            "X-Forwarded-For": "10.0.0.1",
+            "Authorization": "Bearer client-secret",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "Cookie": "session=abc",
+            "TE": "trailers",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "Upgrade": "websocket",
+        },
+    ) as resp:
+        assert resp.status == 200
+        await resp.read()
+    (request,) = fault_upstream.requests  # the request went to the configured upstream
+    assert request.path == "/v1/chat/completions"
+    sent = request.headers
+    assert sent["authorization"] == "Bearer sk-gw"
+    for header in (
+        "proxy-authorization",
+        "cookie",
+        "te",
+        "x-hop",
+        "upgrade",
+        "x-forwarded-host",
+        "x-forwarded-for",
+    ):
+        assert header not in sent
+    assert sent["host"].startswith("127.0.0.1")
