@@ -513,3 +513,30 @@ async def test_concurrent_streams_over_fault_upstream_are_exact(
         return spec_text(events)
 
     assert await asyncio.gather(*(one() for _ in range(100))) == [TEXT] * 100
+
+
+async def test_dns_failure_is_502_connect_failed(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway("http://no-such-upstream.invalid", retry={"max_retries": 0})
+    status, error, _ = await error_of(client, server.make_url("/v1/chat/completions"))
+    assert (status, error["type"], error["code"]) == (
+        502,
+        "upstream_connection_error",
+        "connect_failed",
+    )
+
+
+async def test_tls_failure_is_502_connect_failed(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # https:// to a plain-HTTP server: the TLS handshake fails
+    server = await gateway(
+        fault_upstream.url.replace("http://", "https://"), retry={"max_retries": 0}
+    )
+    status, error, _ = await error_of(client, server.make_url("/v1/chat/completions"))
+    assert (status, error["type"], error["code"]) == (
+        502,
+        "upstream_connection_error",
+        "connect_failed",
+    )
