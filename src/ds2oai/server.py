@@ -188,6 +188,9 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
             prompt_tokens=trace.prompt_tokens,
             completion_tokens=trace.completion_tokens,
             malformed_chunks=trace.malformed_chunks or None,
+            resumes=trace.resumes or None,
+            resume_outcome=trace.resume_outcome,
+            queue_wait_ms=round(trace.queue_wait * 1000, 2) if trace.queue_wait else None,
         )
         if trace.first_token_at is not None:
             entry["ttft_ms"] = round((trace.first_token_at - trace.started) * 1000, 2)
