@@ -23,8 +23,8 @@ run: $(STAMP)
 	@$(BIN)/python scripts/run_dev.py --host $(HOST) --port $(PORT) --mock-port $(MOCK_PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests middleware mock_upstream scripts
-	$(BIN)/ruff format --check src tests middleware mock_upstream scripts
+	$(BIN)/ruff check src tests middleware mock_upstream scripts bench
+	$(BIN)/ruff format --check src tests middleware mock_upstream scripts bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -32,8 +32,9 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest
 
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
