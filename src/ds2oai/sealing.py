@@ -14,9 +14,10 @@ import base64
 import hashlib
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = ["Sealer"]
 
@@ -36,11 +37,21 @@ class Sealer:
             raw = secret.encode() if isinstance(secret, str) else secret
             key = hashlib.sha256(b"ds2oai-seal:" + raw).digest()
             self.ephemeral = False
-        self._aead = AESGCM(key)
+        self._key = key
+        self._cipher: AESGCM | None = None
+
+    def _aead(self) -> AESGCM:
+        # Imported on first use: cryptography adds ~6.5 MiB to every worker's RSS, and most
+        # deployments never seal anything.
+        if self._cipher is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._cipher = AESGCM(self._key)
+        return self._cipher
 
     def seal(self, text: str) -> str:
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, text.encode("utf-8"), _AAD)
+        sealed = self._aead().encrypt(nonce, text.encode("utf-8"), _AAD)
         return _PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
 
     def open(self, blob: str) -> str | None:
@@ -50,6 +61,12 @@ class Sealer:
             raw = base64.urlsafe_b64decode(blob[len(_PREFIX) :].encode("ascii"))
             if len(raw) < 12 + 16:
                 return None
-            return self._aead.decrypt(raw[:12], raw[12:], _AAD).decode("utf-8")
+            aead = self._aead()
+        except ValueError:
+            return None
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return aead.decrypt(raw[:12], raw[12:], _AAD).decode("utf-8")
         except (InvalidTag, ValueError, UnicodeError):
             return None

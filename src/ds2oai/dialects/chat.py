@@ -45,6 +45,8 @@ class ChatDialect:
         "_model",
         "_outcome",
         "_state",
+        "_text_head",
+        "_text_tail",
         "_usage",
     )
 
@@ -57,6 +59,8 @@ class ChatDialect:
         self._fingerprint: str | None = None
         self._usage: dict[str, Any] | None = None
         self._outcome: str | None = None
+        self._text_head = b""
+        self._text_tail = b""
 
     @property
     def outcome(self) -> str | None:
@@ -104,9 +108,25 @@ class ChatDialect:
             fp = chunk.raw.get("system_fingerprint")
             self._fingerprint = fp if isinstance(fp, str) else None
             self._state = _State.STREAMING
+            head = jsonutil.dumps(self._envelope([]))  # ...,"choices":[]} or ...,"usage":null}
+            cut = head.index(b'"choices":[]')
+            self._text_head = head[:cut] + b'"choices":[{"index":0,"delta":{"content":'
+            self._text_tail = (
+                b'},"logprobs":null,"finish_reason":null}]' + head[cut + 12 :] + b"\n\n"
+            )
+            self._text_head = b"data: " + self._text_head
         if self._state is _State.FINISHING or not chunk.has_choice:
             return b""  # usage-only chunks are re-emitted in OpenAI form at the end
         finish = chunk.finish_reason
+        if (
+            not first
+            and finish is None
+            and chunk.content is not None
+            and chunk.reasoning is None
+            and not chunk.tool_calls
+        ):
+            # The common chunk: only its text differs from the last one; splice pre-encoded bytes.
+            return self._text_head + jsonutil.dumps(chunk.content) + self._text_tail
         if finish == "insufficient_system_resource":
             return self._error(
                 "upstream_error", "upstream_error", CUT_MESSAGE, "insufficient_system_resource"

@@ -51,7 +51,7 @@ def usage_fields(usage: dict[str, Any] | None) -> dict[str, Any] | None:
 class SpecDialect:
     media_type = "text/event-stream"
 
-    __slots__ = ("_finish", "_id", "_model", "_outcome", "_state", "_usage")
+    __slots__ = ("_delta_head", "_finish", "_id", "_model", "_outcome", "_state", "_usage")
 
     def __init__(self, exposed_model: str) -> None:
         self._model = exposed_model
@@ -60,6 +60,7 @@ class SpecDialect:
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
         self._outcome: str | None = None
+        self._delta_head = b""
 
     @property
     def outcome(self) -> str | None:
@@ -91,19 +92,28 @@ class SpecDialect:
         if self._state is _State.WAITING:
             self._id = chunk.id
             self._state = _State.STREAMING
+            # The delta event differs only in its text: keep the bytes before it.
+            self._delta_head = (
+                b'event: response.output_text.delta\ndata: {"id":'
+                + jsonutil.dumps(chunk.id)
+                + b',"role":"assistant","delta":'
+            )
             out = encode_event(
                 "response.created",
                 jsonutil.dumps({"id": chunk.id, "model": self._model, "created": chunk.created}),
             )
         if self._state is _State.FINISHING:
             return out  # after finish_reason only usage matters
-        if chunk.content:
-            out += encode_event(
-                "response.output_text.delta",
-                jsonutil.dumps(
-                    {"id": self._id, "role": chunk.role or "assistant", "delta": chunk.content}
-                ),
-            )
+        content = chunk.content
+        if content:
+            role = chunk.role
+            if role is None or role == "assistant":
+                out += self._delta_head + jsonutil.dumps(content) + b"}\n\n"
+            else:
+                out += encode_event(
+                    "response.output_text.delta",
+                    jsonutil.dumps({"id": self._id, "role": role, "delta": content}),
+                )
         finish = chunk.finish_reason
         if finish == "insufficient_system_resource":
             out += self._error("upstream_error", "upstream_error", CUT_MESSAGE, finish)
