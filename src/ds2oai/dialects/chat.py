@@ -14,76 +14,41 @@ final `data: {"error": {...}}` chunk (the SDK raises `APIError` on it), then `[D
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from ds2oai import jsonutil
-from ds2oai.events import Chunk, Done, EndOfBody, StreamBroken, UpstreamErrorEvent, UpstreamEvent
+from ds2oai.dialects.base import ChunkDialect, State
+from ds2oai.events import Chunk
 from ds2oai.sse import encode_data
-from ds2oai.upstream_errors import BROKEN_MESSAGE, CUT_MESSAGE
+from ds2oai.upstream_errors import CUT_MESSAGE
 
 __all__ = ["ChatDialect"]
 
 _DONE = b"data: [DONE]\n\n"
 
 
-class _State(enum.Enum):
-    WAITING = 0
-    STREAMING = 1
-    FINISHING = 2
-    ENDED = 3
-
-
-class ChatDialect:
-    media_type = "text/event-stream"
-
+class ChatDialect(ChunkDialect):
     __slots__ = (
         "_created",
         "_fingerprint",
         "_id",
         "_include_usage",
         "_model",
-        "_outcome",
-        "_state",
         "_text_head",
         "_text_tail",
         "_usage",
     )
 
     def __init__(self, exposed_model: str, *, include_usage: bool = False) -> None:
+        super().__init__()
         self._model = exposed_model
         self._include_usage = include_usage
-        self._state = _State.WAITING
         self._id = ""
         self._created = 0
         self._fingerprint: str | None = None
         self._usage: dict[str, Any] | None = None
-        self._outcome: str | None = None
         self._text_head = b""
         self._text_tail = b""
-
-    @property
-    def outcome(self) -> str | None:
-        return self._outcome
-
-    def feed(self, event: UpstreamEvent) -> bytes:
-        if self._state is _State.ENDED:
-            return b""
-        if isinstance(event, Chunk):
-            return self._chunk(event)
-        if isinstance(event, Done | EndOfBody):
-            if self._state is _State.FINISHING:
-                return self._completed()
-            return self._error("upstream_broken", "upstream_stream_broken", BROKEN_MESSAGE)
-        if isinstance(event, UpstreamErrorEvent):
-            return self._error("upstream_error", "upstream_error", event.message, event.code)
-        if isinstance(event, StreamBroken):
-            if self._state is _State.FINISHING:
-                return self._completed()
-            if event.timeout:
-                return self._error("timeout", "upstream_stream_broken", event.message, "timeout")
-            return self._error("upstream_broken", "upstream_stream_broken", event.message)
-        raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -101,13 +66,13 @@ class ChatDialect:
     def _chunk(self, chunk: Chunk) -> bytes:
         if chunk.usage is not None:
             self._usage = chunk.usage
-        first = self._state is _State.WAITING
+        first = self._state is State.WAITING
         if first:
             self._id = chunk.id
             self._created = chunk.created
             fp = chunk.raw.get("system_fingerprint")
             self._fingerprint = fp if isinstance(fp, str) else None
-            self._state = _State.STREAMING
+            self._state = State.STREAMING
             head = jsonutil.dumps(self._envelope([]))  # ...,"choices":[]} or ...,"usage":null}
             cut = head.index(b'"choices":[]')
             self._text_head = head[:cut] + b'"choices":[{"index":0,"delta":{"content":'
@@ -115,7 +80,7 @@ class ChatDialect:
                 b'},"logprobs":null,"finish_reason":null}]' + head[cut + 12 :] + b"\n\n"
             )
             self._text_head = b"data: " + self._text_head
-        if self._state is _State.FINISHING or not chunk.has_choice:
+        if self._state is State.FINISHING or not chunk.has_choice:
             return b""  # usage-only chunks are re-emitted in OpenAI form at the end
         finish = chunk.finish_reason
         if (
@@ -128,7 +93,7 @@ class ChatDialect:
             # The common chunk: only its text differs from the last one; splice pre-encoded bytes.
             return self._text_head + jsonutil.dumps(chunk.content) + self._text_tail
         if finish == "insufficient_system_resource":
-            return self._error(
+            return self._end_error(
                 "upstream_error", "upstream_error", CUT_MESSAGE, "insufficient_system_resource"
             )
         delta: dict[str, Any] = {}
@@ -157,13 +122,11 @@ class ChatDialect:
         if not delta and finish is None:
             return b""
         if finish is not None:
-            self._state = _State.FINISHING
+            self._state = State.FINISHING
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return encode_data(jsonutil.dumps(self._envelope([choice])))
 
     def _completed(self) -> bytes:
-        self._state = _State.ENDED
-        self._outcome = "completed"
         out = b""
         if self._include_usage and self._usage is not None:
             obj = self._envelope([])
@@ -171,8 +134,8 @@ class ChatDialect:
             out = encode_data(jsonutil.dumps(obj))
         return out + _DONE
 
-    def _error(self, outcome: str, type_: str, message: str, code: str | None = None) -> bytes:
-        self._state = _State.ENDED
-        self._outcome = outcome
-        error = {"message": message, "type": type_, "param": None, "code": code or type_}
+    def _error(self, outcome: str, type_: str, message: str, code: str | None) -> bytes:
+        if code is None:
+            code = "timeout" if outcome == "timeout" else type_
+        error = {"message": message, "type": type_, "param": None, "code": code}
         return encode_data(jsonutil.dumps({"error": error})) + _DONE

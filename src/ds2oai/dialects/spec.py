@@ -9,32 +9,18 @@ a body that ends or breaks before any finish_reason is `upstream_stream_broken`.
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import Any
 
 from ds2oai import jsonutil
-from ds2oai.events import (
-    Chunk,
-    Done,
-    EndOfBody,
-    StreamBroken,
-    UpstreamErrorEvent,
-    UpstreamEvent,
-)
+from ds2oai.dialects.base import ChunkDialect, State
+from ds2oai.events import Chunk
 from ds2oai.sse import encode_event
-from ds2oai.upstream_errors import BROKEN_MESSAGE, CUT_MESSAGE
+from ds2oai.upstream_errors import CUT_MESSAGE
 
 __all__ = ["SpecDialect", "usage_fields"]
 
 log = logging.getLogger(__name__)
-
-
-class _State(enum.Enum):
-    WAITING = 0
-    STREAMING = 1
-    FINISHING = 2
-    ENDED = 3
 
 
 def usage_fields(usage: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -48,50 +34,24 @@ def usage_fields(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-class SpecDialect:
-    media_type = "text/event-stream"
-
-    __slots__ = ("_delta_head", "_finish", "_id", "_model", "_outcome", "_state", "_usage")
+class SpecDialect(ChunkDialect):
+    __slots__ = ("_delta_head", "_finish", "_id", "_model", "_usage")
 
     def __init__(self, exposed_model: str) -> None:
+        super().__init__()
         self._model = exposed_model
-        self._state = _State.WAITING
         self._id = ""
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
-        self._outcome: str | None = None
         self._delta_head = b""
-
-    @property
-    def outcome(self) -> str | None:
-        return self._outcome
-
-    def feed(self, event: UpstreamEvent) -> bytes:
-        if self._state is _State.ENDED:
-            return b""
-        if isinstance(event, Chunk):
-            return self._chunk(event)
-        if isinstance(event, Done | EndOfBody):
-            if self._state is _State.FINISHING:
-                return self._completed()
-            return self._error("upstream_broken", "upstream_stream_broken", BROKEN_MESSAGE)
-        if isinstance(event, UpstreamErrorEvent):
-            return self._error("upstream_error", "upstream_error", event.message, event.code)
-        if isinstance(event, StreamBroken):
-            if self._state is _State.FINISHING:
-                # The answer is whole (finish_reason seen); only [DONE] or a late usage is lost.
-                return self._completed()
-            outcome = "timeout" if event.timeout else "upstream_broken"
-            return self._error(outcome, "upstream_stream_broken", event.message)
-        raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
 
     def _chunk(self, chunk: Chunk) -> bytes:
         out = b""
         if chunk.usage is not None:
             self._usage = chunk.usage
-        if self._state is _State.WAITING:
+        if self._state is State.WAITING:
             self._id = chunk.id
-            self._state = _State.STREAMING
+            self._state = State.STREAMING
             # The delta event differs only in its text: keep the bytes before it.
             self._delta_head = (
                 b'event: response.output_text.delta\ndata: {"id":'
@@ -102,7 +62,7 @@ class SpecDialect:
                 "response.created",
                 jsonutil.dumps({"id": chunk.id, "model": self._model, "created": chunk.created}),
             )
-        if self._state is _State.FINISHING:
+        if self._state is State.FINISHING:
             return out  # after finish_reason only usage matters
         content = chunk.content
         if content:
@@ -116,15 +76,13 @@ class SpecDialect:
                 )
         finish = chunk.finish_reason
         if finish == "insufficient_system_resource":
-            out += self._error("upstream_error", "upstream_error", CUT_MESSAGE, finish)
+            out += self._end_error("upstream_error", "upstream_error", CUT_MESSAGE, finish)
         elif finish is not None:
             self._finish = finish
-            self._state = _State.FINISHING
+            self._state = State.FINISHING
         return out
 
     def _completed(self) -> bytes:
-        self._state = _State.ENDED
-        self._outcome = "completed"
         return encode_event(
             "response.completed",
             jsonutil.dumps(
@@ -132,9 +90,7 @@ class SpecDialect:
             ),
         )
 
-    def _error(self, outcome: str, type_: str, message: str, code: str | None = None) -> bytes:
-        self._state = _State.ENDED
-        self._outcome = outcome
+    def _error(self, outcome: str, type_: str, message: str, code: str | None) -> bytes:
         data: dict[str, Any] = {"type": type_, "message": message}
         if code is not None:
             data["code"] = code

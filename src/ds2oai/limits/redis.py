@@ -22,10 +22,9 @@ from typing import Any, Final
 
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from ds2oai.limits.base import DEFAULT_LEASE, WINDOW, Decision, KeyRule, LimiterError
+from ds2oai.redis_client import connect
 from ds2oai.store.base import redact_url, scrub, url_secrets
 
 __all__ = ["KEY_PREFIX", "RedisLimiter"]
@@ -140,15 +139,16 @@ class RedisLimiter:
         self._prefix = key_prefix
         self._closed = False
         try:
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self._client = connect(
                 url,
                 max_connections=max_connections,
-                timeout=pool_timeout,
-                socket_connect_timeout=connect_timeout,
+                pool_timeout=pool_timeout,
+                connect_timeout=connect_timeout,
                 socket_timeout=socket_timeout,
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries),
+                retries=retries,
+                backoff_base=0.02,
+                backoff_cap=0.2,
             )
-            self._client = redis.asyncio.Redis.from_pool(pool)
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise LimiterError(self._message("open", exc)) from None
         self._acquire = self._client.register_script(_ACQUIRE)

@@ -23,9 +23,8 @@ from typing import Final
 
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
+from ds2oai.redis_client import connect
 from ds2oai.store.base import (
     StoredResponse,
     StoreError,
@@ -62,15 +61,16 @@ class RedisResponseStore:
         self._prefix = key_prefix
         self._closed = False
         try:
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self._client = connect(
                 url,
                 max_connections=max_connections,
-                timeout=pool_timeout,
-                socket_connect_timeout=connect_timeout,
+                pool_timeout=pool_timeout,
+                connect_timeout=connect_timeout,
                 socket_timeout=socket_timeout,
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+                retries=retries,
+                backoff_base=0.05,
+                backoff_cap=0.5,
             )
-            self._client = redis.asyncio.Redis.from_pool(pool)
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise StoreError(self._message("open", exc)) from None
 

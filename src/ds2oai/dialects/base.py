@@ -1,0 +1,78 @@
+"""The state machine the chunk-by-chunk dialects share (spec and OpenAI chat).
+
+States: WAITING (nothing sent) -> STREAMING (the first chunk went out) -> FINISHING (a
+finish_reason was seen; waiting for `[DONE]` or the end of the body, usage may still come) ->
+ENDED. This class turns every upstream event into one of three hooks — `_chunk`, `_completed`,
+`_error` — so a dialect only says how each looks on its wire. A stream completes only after a
+finish_reason; once FINISHING, a broken body still completes (the answer is whole, only
+`[DONE]` or a late usage chunk is lost); nothing is emitted after ENDED.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ds2oai.events import Chunk, Done, EndOfBody, StreamBroken, UpstreamErrorEvent, UpstreamEvent
+from ds2oai.upstream_errors import BROKEN_MESSAGE
+
+__all__ = ["ChunkDialect", "State"]
+
+
+class State(enum.Enum):
+    WAITING = 0
+    STREAMING = 1
+    FINISHING = 2
+    ENDED = 3
+
+
+class ChunkDialect:
+    media_type = "text/event-stream"
+
+    __slots__ = ("_outcome", "_state")
+
+    def __init__(self) -> None:
+        self._state = State.WAITING
+        self._outcome: str | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        return self._outcome
+
+    def feed(self, event: UpstreamEvent) -> bytes:
+        if self._state is State.ENDED:
+            return b""
+        if isinstance(event, Chunk):
+            return self._chunk(event)
+        if isinstance(event, Done | EndOfBody):
+            if self._state is State.FINISHING:
+                return self._end_completed()
+            return self._end_error("upstream_broken", "upstream_stream_broken", BROKEN_MESSAGE)
+        if isinstance(event, UpstreamErrorEvent):
+            return self._end_error("upstream_error", "upstream_error", event.message, event.code)
+        if isinstance(event, StreamBroken):
+            if self._state is State.FINISHING:
+                return self._end_completed()
+            outcome = "timeout" if event.timeout else "upstream_broken"
+            return self._end_error(outcome, "upstream_stream_broken", event.message)
+        raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
+
+    def _end_completed(self) -> bytes:
+        self._state = State.ENDED
+        self._outcome = "completed"
+        return self._completed()
+
+    def _end_error(self, outcome: str, type_: str, message: str, code: str | None = None) -> bytes:
+        self._state = State.ENDED
+        self._outcome = outcome
+        return self._error(outcome, type_, message, code)
+
+    # -- what each dialect writes
+
+    def _chunk(self, chunk: Chunk) -> bytes:
+        raise NotImplementedError
+
+    def _completed(self) -> bytes:
+        raise NotImplementedError
+
+    def _error(self, outcome: str, type_: str, message: str, code: str | None) -> bytes:
+        raise NotImplementedError
