@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import logging
 import multiprocessing
@@ -71,6 +72,13 @@ def _serve_one(config: Config) -> None:
 
     def ready(_message: object) -> None:
         log.info("ready", extra={"host": host, "port": port})
+
+    # Everything loaded so far lives as long as the process: move it out of the cyclic GC's
+    # reach, and collect the young generation less often. Streams allocate many short-lived
+    # objects; full collections over all of them were the largest latency spikes (p99) seen.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
 
     web.run_app(
         app,
