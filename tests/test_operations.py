@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayFactory, free_port
@@ -156,3 +158,23 @@ async def test_readyz_reflects_upstream_reachability(
         assert (await resp.json())["status"] == "not_ready"
     async with client.get(down.make_url("/healthz")) as resp:
         assert resp.status == 200
+
+
+async def test_request_log_has_no_content_unless_configured(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret_prompt = "my-private-prompt-8812"
+    payload = {"messages": [{"role": "user", "content": secret_prompt}], "stream": True}
+    for log_content in (False, True):
+        server = await gateway(fault_upstream.url, logging={"log_content": log_content})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ds2oai.access"):
+            async with client.post(server.make_url("/v1/chat/completions"), json=payload) as r:
+                await r.read()
+        (line,) = [rec for rec in caplog.records if rec.getMessage() == "request"]
+        assert (secret_prompt in str(vars(line))) is log_content
+        assert line.__dict__["request_id"]
+        assert line.__dict__["outcome"] == "completed"

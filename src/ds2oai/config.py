@@ -176,6 +176,9 @@ class MiddlewareConfig:
 class LoggingConfig:
     level: str = "info"
     access_log: bool = True
+    # Off by default: prompts are user data. On, the request line carries the client's
+    # `messages` / `input` / `instructions` (never headers, never keys).
+    log_content: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,11 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
         )
         if trace.first_token_at is not None:
             entry["ttft_ms"] = round((trace.first_token_at - trace.started) * 1000, 2)
+        if request.app[CONFIG].logging.log_content:
+            body = exchange.client_body
+            entry["content"] = {
+                k: body[k] for k in ("messages", "input", "instructions") if k in body
+            }
     access.info("request", extra=entry)
 
 
