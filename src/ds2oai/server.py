@@ -15,9 +15,9 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -75,7 +75,7 @@ _DROP_HEADERS = frozenset(
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else secrets.token_hex(16)
 
 
 def _error_response(error: ClientError, request_id: str) -> web.Response:
@@ -211,6 +211,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"The request body is over {limit} bytes",
         )
     try:
+        if request.content.is_eof():  # already received whole: no timer needed
+            return await request.read()
         async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
             return await request.read()
     except TimeoutError:

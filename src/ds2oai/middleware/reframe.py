@@ -286,25 +286,29 @@ class Reframe:
                     events = [StreamBroken(exc.message, timeout=exc.timeout)]
                 except SSEDecodeError as exc:
                     events = [StreamBroken(str(exc))]
-                out = b""
+                parts: list[bytes] = []  # joined once: `+=` would copy the growing write
                 resumed: Body | None = None
+                feed = dialect.feed
                 for event in events:
-                    if progress is not None and isinstance(event, Chunk):
-                        event = progress.observe(event)
-                    if sent and progress is not None and self._is_break(event, progress):
-                        resumed = await self._resume_stream(exchange, call_next, progress)
-                        if resumed is not None:
-                            break
-                    if not sent and not out:
+                    if progress is not None:
+                        if isinstance(event, Chunk):
+                            event = progress.observe(event)
+                        if sent and self._is_break(event, progress):
+                            resumed = await self._resume_stream(exchange, call_next, progress)
+                            if resumed is not None:
+                                break
+                    if not sent and not parts:
                         self._raise_if_failed_early(event)
-                    out += dialect.feed(event)
+                    produced = feed(event)
+                    if produced:
+                        parts.append(produced)
                     if dialect.outcome is not None:
                         break
                 if dialect.outcome is not None:
                     await self._end(exchange)
-                if out:
+                if parts:
                     sent = started = True
-                    yield out
+                    yield b"".join(parts)
                 if dialect.outcome is not None:
                     return
                 if resumed is not None:
