@@ -147,7 +147,9 @@ def _record(request: web.Request, status: int) -> None:
     if exchange is None:
         return
     trace = exchange.trace
-    outcome = trace.outcome or ("upstream_error" if status >= 400 else None)
+    # An answer that failed before streaming counts only if the upstream was involved (a 401
+    # from `auth` or a 429 from `limits` is not a stream outcome).
+    outcome = trace.outcome or ("upstream_error" if status >= 400 and trace.attempts else None)
     if outcome is not None:
         metrics.STREAMS.labels(exchange.dialect, outcome).inc()
     if trace.first_token_at is not None:
