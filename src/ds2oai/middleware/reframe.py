@@ -289,7 +289,7 @@ class Reframe:
                             continue
                         data, pending = pending.result(), None
                     else:
-                        data = await _next(body)
+                        data = await anext(body, None)
                     events: list[UpstreamEvent] = (
                         [EndOfBody()] if data is None else self._events(exchange, decoder, data)
                     )
