@@ -540,3 +540,47 @@ async def test_tls_failure_is_502_connect_failed(
         "upstream_connection_error",
         "connect_failed",
     )
+
+
+async def test_sse_without_a_content_type_is_still_read_as_sse(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    events = b"".join(text_events(TOKENS))
+    fault_upstream.queue((Head(200, ()), Send(events), End()))
+    server = await gateway(fault_upstream.url)
+    _, got = await stream(client, server.make_url("/v1/chat/completions"))
+    assert spec_text(got) == TEXT
+    assert got[-1].event == "response.completed"
+
+
+async def test_a_whole_json_completion_from_the_upstream_is_replayed_as_a_stream(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    completion = {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "deepseek-chat",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": TEXT}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+    }
+    fault_upstream.queue(json_response(200, completion), json_response(200, completion))
+    server = await gateway(fault_upstream.url)
+    _, got = await stream(client, server.make_url("/v1/chat/completions"))
+    assert spec_text(got) == TEXT
+    assert got[-1].json()["usage"]["total_tokens"] == 9
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json=body(stream=False)
+    ) as resp:
+        assert (await resp.json())["choices"][0]["message"]["content"] == TEXT
+
+
+async def test_a_json_error_with_status_200_is_a_502(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    fault_upstream.queue(json_response(200, {"error": {"code": "busy", "message": "try later"}}))
+    server = await gateway(fault_upstream.url)
+    status, error, _ = await error_of(client, server.make_url("/v1/chat/completions"))
+    assert (status, error["code"], error["message"]) == (502, "busy", "try later")

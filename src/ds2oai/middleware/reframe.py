@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from ds2oai import jsonutil
 from ds2oai.chain import Body, Exchange, Next, Reply
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
@@ -46,8 +47,8 @@ from ds2oai.sse import SSEComment, SSEDecoder, encode_comment
 from ds2oai.upstream import read_limited
 from ds2oai.upstream_errors import (
     broken_error,
-    error_from_upstream,
     sanitize_message,
+    upstream_error_fields,
     upstream_event_error,
 )
 
@@ -115,6 +116,55 @@ _STREAM_HEADERS = {
 }
 
 
+_SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
+_MAX_JSON_ANSWER = 4 * 1024 * 1024
+
+
+async def _prepend(first: bytes, rest: Body) -> Body:
+    try:
+        if first:
+            yield first
+        async for data in rest:
+            yield data
+    finally:
+        await rest.aclose()
+
+
+async def _single(data: bytes) -> Body:
+    yield data
+
+
+def _completion_as_sse(body: bytes) -> bytes | None:
+    """A non-streaming `chat.completion` as the equivalent stream, or None if it is not one."""
+    try:
+        obj = jsonutil.loads(body)
+    except jsonutil.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        return None
+    delta = {k: message[k] for k in ("role", "content", "reasoning_content") if k in message}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [
+            {**call, "index": i} for i, call in enumerate(calls) if isinstance(call, dict)
+        ]
+    chunk = {
+        "id": obj.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": obj.get("created", 0),
+        "model": obj.get("model", ""),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": choices[0].get("finish_reason")}],
+        "usage": obj.get("usage"),
+    }
+    return b"data: " + jsonutil.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+
+
 async def _next(body: Body) -> bytes | None:
     """The next upstream read, or None at the end of the body."""
     try:
@@ -172,21 +222,48 @@ class Reframe:
         reply = await call_next(exchange)
         if reply.status != 200 or not reply.from_upstream:
             return reply  # an error answer: retry/rate_limit/the error boundary deal with it
-        content_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "text/event-stream" or isinstance(reply.body, bytes):
-            body = await read_limited(reply.body)
-            raise self._non_sse_answer(body)
+        upstream_body = await self._as_event_stream(reply)
         if not exchange.stream:
-            return await self._collect(exchange, reply.body)
+            return await self._collect(exchange, upstream_body)
         dialect = self._dialects[exchange.dialect](exchange)
-        stream = self._stream(exchange, reply.body, dialect, call_next)
+        stream = self._stream(exchange, upstream_body, dialect, call_next)
         return Reply(200, dict(_STREAM_HEADERS), stream)
 
+    async def _as_event_stream(self, reply: Reply) -> Body:
+        """The 200 answer's body as SSE bytes, whatever the upstream labelled it.
+
+        `text/event-stream` is taken as it is. An unlabelled body that starts like SSE is taken
+        too (small OpenAI-compatible servers omit the header). A JSON body is an error object
+        (-> `ClientError`) or a whole `chat.completion` from an upstream that ignored
+        `stream: true` (-> replayed as one chunk). Anything else is a 502.
+        """
+        content_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "text/event-stream" and not isinstance(reply.body, bytes):
+            return reply.body
+        if isinstance(reply.body, bytes) or content_type.endswith("json"):
+            return self._json_answer(await read_limited(reply.body, _MAX_JSON_ANSWER))
+        first = await anext(reply.body, b"")
+        head = first.lstrip(b"\r\n\t ")
+        if head[:1] == b"{":
+            rest = await read_limited(reply.body, _MAX_JSON_ANSWER)
+            return self._json_answer(first + rest)
+        if not head.startswith(_SSE_STARTS):
+            await reply.aclose()
+            raise self._non_sse_answer(first)
+        return _prepend(first, reply.body)
+
+    def _json_answer(self, raw: bytes) -> Body:
+        """A whole `chat.completion` is replayed as one chunk; anything else is an error."""
+        replay = _completion_as_sse(raw)
+        if replay is None:
+            raise self._non_sse_answer(raw)
+        return _single(replay)
+
     def _non_sse_answer(self, body: bytes) -> ClientError:
-        error = error_from_upstream(200, {}, body, secrets=self._secrets)
+        code, message, _ = upstream_error_fields(body)
         if body.strip().startswith(b"{") and b'"error"' in body:
             return upstream_event_error(
-                error.code or "upstream_error", error.message, self._secrets
+                code or "upstream_error", message or "The upstream reported an error", self._secrets
             )
         return ClientError(
             502,
