@@ -74,7 +74,11 @@ class Retry:
         if self._budget is not None:
             self._budget.request()
         while True:
-            current = dataclasses.replace(exchange, attempt=attempt)
+            current = (
+                exchange
+                if attempt == exchange.attempt
+                else (dataclasses.replace(exchange, attempt=attempt))
+            )
             reply: Reply | None = None
             try:
                 reply = await call_next(current)
