@@ -100,3 +100,46 @@ async def test_the_client_cannot_steer_the_upstream_url_or_headers(
     ):
         assert header not in sent
     assert sent["host"].startswith("127.0.0.1")
+
+
+async def test_models_and_stored_responses_need_a_key_and_stay_with_it(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    server = await gateway(
+        fault_upstream.url,
+        auth={
+            "api_keys": ["key-a"],
+            "clients": {"team": {"key": "key-b", "models": ["deepseek-chat"]}},
+        },
+    )
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    async with client.get(server.make_url("/v1/models")) as resp:
+        assert resp.status == 401
+    async with client.get(server.make_url("/v1/models"), headers=b) as resp:
+        assert [m["id"] for m in (await resp.json())["data"]] == ["deepseek-chat"]
+    async with client.post(
+        server.make_url("/v1/responses"), json={"input": "hi"}, headers=a
+    ) as resp:
+        assert resp.status == 200
+        response_id = (await resp.json())["id"]
+    url = server.make_url(f"/v1/responses/{response_id}")
+    async with client.get(url, headers=a) as resp:
+        assert resp.status == 200
+    async with client.get(url) as resp:
+        assert resp.status == 401
+    for method in ("GET", "DELETE"):
+        async with client.request(method, url, headers=b) as resp:
+            assert resp.status == 404  # another key: as if it did not exist
+    async with client.get(
+        server.make_url(f"/v1/responses/{response_id}/input_items"), headers=b
+    ) as resp:
+        assert resp.status == 404
+    async with client.post(
+        server.make_url("/v1/responses"),
+        json={"input": "more", "previous_response_id": response_id},
+        headers=b,
+    ) as resp:
+        assert resp.status == 400
+    async with client.delete(url, headers=a) as resp:
+        assert resp.status == 200

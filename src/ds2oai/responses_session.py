@@ -31,12 +31,14 @@ class ResponsesSession:
         history: list[dict[str, Any]],
         store: ResponseStore,
         sealer: Sealer,
+        owner: str | None = None,
     ) -> None:
         self.request = request
         self.response_id = new_id("resp")
         self.created_at = int(time.time())
         self._history = history
         self._store = store
+        self._owner = owner
         seal = sealer.seal if request.include_encrypted_reasoning else None
         self.dialect = ResponsesDialect(
             response_id=self.response_id,
@@ -67,6 +69,7 @@ class ResponsesSession:
                 response=self.dialect.response(),
                 input_items=list(self.request.input_items),
                 messages=messages,
+                owner=self._owner,
             )
         )
 

@@ -29,11 +29,12 @@ from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
 from ds2oai.middleware import BUILTINS
+from ds2oai.middleware.auth import BearerAuth, key_id
 from ds2oai.readiness import Readiness
 from ds2oai.responses_input import parse_responses_request
 from ds2oai.responses_session import ResponsesSession
 from ds2oai.sealing import Sealer
-from ds2oai.store import ResponseStore, open_store
+from ds2oai.store import ResponseStore, StoredResponse, open_store
 from ds2oai.upstream import UpstreamClient, read_limited
 from ds2oai.upstream_errors import client_error_for, error_from_upstream
 
@@ -49,6 +50,7 @@ READINESS = web.AppKey("readiness", Readiness)
 STORE = web.AppKey("store", ResponseStore)
 SEALER = web.AppKey("sealer", Sealer)
 OWNS_PROCESS = web.AppKey("owns_process", bool)
+AUTH = web.AppKey("auth", BearerAuth)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -343,17 +345,39 @@ def _not_found(response_id: str) -> ClientError:
     )
 
 
+def _caller(request: web.Request) -> tuple[str | None, frozenset[str]]:
+    """(key hash, allowed models) of the caller for routes outside the chain; raises the 401.
+
+    (None, all) when no client keys are configured."""
+    found = request.app[AUTH].authenticate(_client_headers(request))
+    if found is None:
+        return None, frozenset()
+    key, models = found
+    return key_id(key), models
+
+
+async def _owned(request: web.Request, response_id: str) -> StoredResponse:
+    """The stored response if the caller's key created it; a 404 otherwise (even if it exists:
+    one key never learns another key's response ids)."""
+    owner, _ = _caller(request)
+    stored = await request.app[STORE].get(response_id)
+    if stored is None or stored.owner != owner:
+        raise _not_found(response_id)
+    return stored
+
+
 async def responses_create(request: web.Request) -> web.StreamResponse:
     """SPEC §5: the Responses API over DeepSeek chat, with stored conversations."""
     app = request.app
     config = app[CONFIG]
+    owner, _ = _caller(request)
     raw = await _read_body(request, config.server.max_body_bytes)
     body = parse_json_body(raw)
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
     if isinstance(previous, str) and previous:
         stored = await app[STORE].get(previous)
-        if stored is None:
+        if stored is None or stored.owner != owner:
             raise ClientError(
                 400,
                 "invalid_request_error",
@@ -363,7 +387,9 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
             )
         history = stored.messages
     parsed = parse_responses_request(body, config.models, history=history, unseal=app[SEALER].open)
-    session = ResponsesSession(parsed, history=history, store=app[STORE], sealer=app[SEALER])
+    session = ResponsesSession(
+        parsed, history=history, store=app[STORE], sealer=app[SEALER], owner=owner
+    )
     exchange = Exchange(
         request_id=request[REQUEST_ID],
         route="responses",
@@ -392,14 +418,13 @@ async def responses_get(request: web.Request) -> web.Response:
             "Streaming a stored response again is not supported",
             param="stream",
         )
-    stored = await request.app[STORE].get(response_id)
-    if stored is None:
-        raise _not_found(response_id)
+    stored = await _owned(request, response_id)
     return web.json_response(stored.response, dumps=_dumps)
 
 
 async def responses_delete(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
+    await _owned(request, response_id)
     if not await request.app[STORE].delete(response_id):
         raise _not_found(response_id)
     body = {"id": response_id, "object": "response.deleted", "deleted": True}
@@ -408,9 +433,7 @@ async def responses_delete(request: web.Request) -> web.Response:
 
 async def responses_input_items(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
-    stored = await request.app[STORE].get(response_id)
-    if stored is None:
-        raise _not_found(response_id)
+    stored = await _owned(request, response_id)
     items = list(stored.input_items)
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -460,9 +483,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
+    _, allowed = _caller(request)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "ds2oai"}
         for name in config.models.exposed_names()
+        if not allowed or name in allowed
     ]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
@@ -475,6 +500,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = UpstreamClient.create(config)
     app[UPSTREAM] = client
+    app[AUTH] = BearerAuth.from_config(config)
     app[STORE] = open_store(config.store)
     app[SEALER] = Sealer(config.responses.secret)
     if app[SEALER].ephemeral:

@@ -69,10 +69,18 @@ class BearerAuth:
         keys = client_keys(config.auth)
         return cls(tuple(keys), keys)
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, headers: Mapping[str, str]) -> tuple[str, frozenset[str]] | None:
+        """(key, allowed models) for the request's key; None when no keys are configured.
+
+        Raises the 401. Also used by the routes outside the chain (models, stored responses).
+        """
         if not self._keys:
-            return await call_next(exchange)
-        presented = _presented_key(exchange.client_headers)
+            return None
+        presented = _presented_key(headers)
         if presented is None:
             raise ClientError(
                 401,
@@ -90,6 +98,13 @@ class BearerAuth:
             models = allowed if equal else models
         if not matched:
             raise ClientError(401, "authentication_error", "invalid_api_key", "Invalid API key")
+        return presented, models
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        found = self.authenticate(exchange.client_headers)
+        if found is None:
+            return await call_next(exchange)
+        presented, models = found
         exchange.trace.client_key_id = key_id(presented)
         if models and exchange.exposed_model not in models:
             raise ClientError(

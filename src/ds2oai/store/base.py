@@ -86,6 +86,7 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     messages: list[dict[str, Any]]
+    owner: str | None = None  # hash of the client key that created it (None without auth)
 
 
 class ResponseStore(Protocol):
@@ -177,6 +178,7 @@ def encode_item(item: StoredResponse) -> bytes:
         "response": item.response,
         "input_items": item.input_items,
         "messages": item.messages,
+        "owner": item.owner,
     }
     try:
         return jsonutil.dumps(doc)
@@ -207,6 +209,7 @@ def decode_item(body: bytes | bytearray | memoryview | str, response_id: str) ->
         response=doc["response"],
         input_items=doc["input_items"],
         messages=doc["messages"],
+        owner=doc["owner"] if isinstance(doc.get("owner"), str) else None,
     )
 
 
