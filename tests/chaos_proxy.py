@@ -42,8 +42,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self, TypeAlias
+from typing import Final, TypeAlias
+
+from tests.loopback import LoopbackService
 
 __all__ = [
     "BoundaryTracker",
@@ -292,7 +293,7 @@ class _Conn:
     fired: bool = False
 
 
-class ChaosProxy:
+class ChaosProxy(LoopbackService):
     """Listen on 127.0.0.1:0, forward to ``upstream_host:upstream_port`` through faults."""
 
     def __init__(
@@ -345,28 +346,6 @@ class ChaosProxy:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("ChaosProxy not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def open_connections(self) -> int:

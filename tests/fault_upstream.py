@@ -42,8 +42,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
+
+from tests.loopback import LoopbackService
 
 __all__ = [
     "DONE",
@@ -264,7 +265,7 @@ class _Conn:
     finished: bool = False  # bookkeeping done (connections_open decremented)
 
 
-class FaultUpstream:
+class FaultUpstream(LoopbackService):
     """Fake upstream on 127.0.0.1 whose responses follow scripts (see the module docstring)."""
 
     def __init__(
@@ -319,28 +320,6 @@ class FaultUpstream:
             await self._wait_closed(conn.writer)
         if server is not None:
             await server.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FaultUpstream not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     # -- scripting
 

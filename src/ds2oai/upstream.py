@@ -85,7 +85,7 @@ class UpstreamClient:
         self,
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
-        targets: list[Target] | None = None,
+        targets: list[Target],
     ) -> None:
         self._config = config
         self._session = session
@@ -96,12 +96,9 @@ class UpstreamClient:
             sock_connect=config.connect_timeout,
             sock_read=config.read_timeout,
         )
-        default_url = config.base_url.rstrip("/") + "/v1/chat/completions"
-        default_auth = f"Bearer {config.api_key}" if config.api_key else None
-        self._targets = targets or [
-            Target("default", default_url, default_auth, 1.0, {}, CircuitBreaker())
-        ]
-        self._auth = default_auth
+        self._targets = targets
+        # The gateway's own key, for the readiness probe and resume's beta endpoint.
+        self._auth = f"Bearer {config.api_key}" if config.api_key else None
         self._open: set[aiohttp.ClientResponse] = set()
         self._abort_reason: str | None = None
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ds2oai import jsonutil
-from ds2oai.chain import Body, Exchange, Next, Reply
+from ds2oai.chain import Body, Exchange, Next, Reply, single
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
@@ -128,10 +128,6 @@ async def _prepend(first: bytes, rest: Body) -> Body:
             yield data
     finally:
         await rest.aclose()
-
-
-async def _single(data: bytes) -> Body:
-    yield data
 
 
 def _completion_as_sse(body: bytes) -> bytes | None:
@@ -246,7 +242,7 @@ class Reframe:
         replay = _completion_as_sse(raw)
         if replay is None:
             raise self._non_sse_answer(raw)
-        return _single(replay)
+        return single(replay)
 
     def _non_sse_answer(self, body: bytes) -> ClientError:
         code, message, _ = upstream_error_fields(body)
