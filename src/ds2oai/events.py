@@ -2,7 +2,8 @@
 
 `parse_upstream_event()` turns one upstream SSE `data` payload into exactly one of `Chunk`,
 `UpstreamErrorEvent` or `Done`, or raises `MalformedChunk`; it tolerates missing or empty
-`choices`, `null` content and extra fields. The end of the upstream body and its failures
+`choices`, `null` content and extra fields. `TextDelta` is the byte-level short form of a
+plain text `Chunk` (see `chunk_template`). The end of the upstream body and its failures
 are given to the dialects as `EndOfBody` and `StreamBroken`. Pure data; no I/O.
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "EndOfBody",
     "MalformedChunk",
     "StreamBroken",
+    "TextDelta",
     "ToolCallDelta",
     "UpstreamErrorEvent",
     "UpstreamEvent",
@@ -57,6 +59,15 @@ class Chunk:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+@dataclass(slots=True)
+class TextDelta:
+    """Consecutive plain text chunks that repeat the stream's learned template
+    (`chunk_template`) except for their text, each text given as the upstream's own JSON
+    string literal (already validated)."""
+
+    literals: list[bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamErrorEvent:
     """`data: {"error": {...}}` sent by the upstream inside a stream."""
@@ -83,7 +94,7 @@ class StreamBroken:
     timeout: bool = False
 
 
-UpstreamEvent = Chunk | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
+UpstreamEvent = Chunk | TextDelta | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
 
 _DONE = Done()
 

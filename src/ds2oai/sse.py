@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from ds2oai.errors import SSEDecodeError
 
@@ -75,7 +76,17 @@ class SSEDecoder:
         self.retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
-        out: list[SSEEvent | SSEComment] = []
+        # Without `raw` no bytes items are produced.
+        return cast(list[SSEEvent | SSEComment], self._feed(chunk, False))
+
+    def feed_raw(self, chunk: bytes) -> list[SSEEvent | SSEComment | bytes]:
+        """Like `feed`, but a one-line `data:` event (no `event:`/`id:` lines, LF-only input)
+        comes out as its payload bytes, undecoded: the caller may not need them as text.
+        The event id such an event would carry is not reported."""
+        return self._feed(chunk, True)
+
+    def _feed(self, chunk: bytes, raw: bool) -> list[SSEEvent | SSEComment | bytes]:
+        out: list[SSEEvent | SSEComment | bytes] = []
         if not chunk:
             return out
         if self._skip_lf:
@@ -96,8 +107,17 @@ class SSEDecoder:
             # any incomplete event for the next feed.
             blocks = bytes(buf).split(b"\n\n")
             tail = blocks.pop()
-            for block in blocks:
-                self._block(block, out)
+            if raw:
+                limit = self._max_event_bytes
+                for block in blocks:
+                    # `_block`'s first case, inline: the one-line `data:` event is the hot path.
+                    if block[:6] == b"data: " and len(block) <= limit and b"\n" not in block:
+                        out.append(block[6:])
+                    else:
+                        self._block(block, out, raw)
+            else:
+                for block in blocks:
+                    self._block(block, out, raw)
             buf[:] = tail
             self._scan = 0
             if len(tail) <= _FAST_TAIL and b"\n" not in tail:
@@ -129,13 +149,17 @@ class SSEDecoder:
         self._event = None
         return []
 
-    def _block(self, block: bytes, out: list[SSEEvent | SSEComment]) -> None:
+    def _block(self, block: bytes, out: list[SSEEvent | SSEComment | bytes], raw: bool) -> None:
         """One complete event (the text between blank lines), state known to be clean."""
         if len(block) > self._max_event_bytes:
             raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
         if b"\n" not in block:
             if block[:6] == b"data: ":
-                out.append(SSEEvent(block[6:].decode("utf-8", "replace"), "message", self._last_id))
+                if raw:
+                    out.append(block[6:])
+                else:
+                    data = block[6:].decode("utf-8", "replace")
+                    out.append(SSEEvent(data, "message", self._last_id))
                 return
             self._line(block, out)
         else:
@@ -143,7 +167,7 @@ class SSEDecoder:
                 self._line(line, out)
         self._line(b"", out)
 
-    def _line(self, line: bytes, out: list[SSEEvent | SSEComment]) -> None:
+    def _line(self, line: bytes, out: list[SSEEvent | SSEComment | bytes]) -> None:
         if not line:
             if self._data:
                 data = b"\n".join(self._data).decode("utf-8", "replace")

@@ -19,6 +19,9 @@ OUTCOMES = ("completed", "upstream_broken", "upstream_error", "timeout", "client
 
 class Dialect(Protocol):
     media_type: str
+    # True: may be fed `TextDelta` (the byte-level form of a plain text chunk) once it has
+    # seen a full `Chunk`; False: only ever gets parsed events.
+    text_literals: bool
 
     @property
     def outcome(self) -> str | None:

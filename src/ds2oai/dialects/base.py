@@ -2,8 +2,9 @@
 
 States: WAITING (nothing sent) -> STREAMING (the first chunk went out) -> FINISHING (a
 finish_reason was seen; waiting for `[DONE]` or the end of the body, usage may still come) ->
-ENDED. This class turns every upstream event into one of three hooks — `_chunk`, `_completed`,
-`_error` — so a dialect only says how each looks on its wire. A stream completes only after a
+ENDED. This class turns every upstream event into one of four hooks — `_chunk`, `_text` (the
+byte-level form of a plain text chunk), `_completed`, `_error` — so a dialect only says how each
+looks on its wire. A stream completes only after a
 finish_reason; once FINISHING, a broken body still completes (the answer is whole, only
 `[DONE]` or a late usage chunk is lost); nothing is emitted after ENDED.
 """
@@ -12,7 +13,15 @@ from __future__ import annotations
 
 import enum
 
-from ds2oai.events import Chunk, Done, EndOfBody, StreamBroken, UpstreamErrorEvent, UpstreamEvent
+from ds2oai.events import (
+    Chunk,
+    Done,
+    EndOfBody,
+    StreamBroken,
+    TextDelta,
+    UpstreamErrorEvent,
+    UpstreamEvent,
+)
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
 __all__ = ["ChunkDialect", "State"]
@@ -27,6 +36,8 @@ class State(enum.Enum):
 
 class ChunkDialect:
     media_type = "text/event-stream"
+    # Takes `TextDelta` (a text chunk as the upstream's JSON string literal) via `_text`.
+    text_literals = True
 
     __slots__ = ("_outcome", "_state")
 
@@ -41,6 +52,10 @@ class ChunkDialect:
     def feed(self, event: UpstreamEvent) -> bytes:
         if self._state is State.ENDED:
             return b""
+        if type(event) is TextDelta:
+            # Only ever after a full chunk (the template is learned from one): STREAMING or
+            # FINISHING, where the text no longer counts.
+            return self._text(event.literals) if self._state is State.STREAMING else b""
         if isinstance(event, Chunk):
             return self._chunk(event)
         if isinstance(event, Done | EndOfBody):
@@ -69,6 +84,10 @@ class ChunkDialect:
     # -- what each dialect writes
 
     def _chunk(self, chunk: Chunk) -> bytes:
+        raise NotImplementedError
+
+    def _text(self, literals: list[bytes]) -> bytes:
+        """Plain text chunks, each text given as a valid JSON string literal."""
         raise NotImplementedError
 
     def _completed(self) -> bytes:

@@ -126,6 +126,11 @@ class ChatDialect(ChunkDialect):
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return encode_data(jsonutil.dumps(self._envelope([choice])))
 
+    def _text(self, literals: list[bytes]) -> bytes:
+        return (
+            self._text_head + (self._text_tail + self._text_head).join(literals) + self._text_tail
+        )
+
     def _completed(self) -> bytes:
         out = b""
         if self._include_usage and self._usage is not None:

@@ -168,6 +168,7 @@ class _Item:
 
 class ResponsesDialect:
     media_type = "text/event-stream"
+    text_literals = False
 
     __slots__ = (
         "_calls",

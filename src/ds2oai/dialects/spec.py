@@ -82,6 +82,14 @@ class SpecDialect(ChunkDialect):
             self._state = State.FINISHING
         return out
 
+    def _text(self, literals: list[bytes]) -> bytes:
+        head = self._delta_head
+        # One join for the run; an empty text makes no event (as in `_chunk`).
+        out = head + (b"}\n\n" + head).join(literals) + b"}\n\n"
+        if b'""}' in out:
+            out = out.replace(head + b'""}\n\n', b"")
+        return out
+
     def _completed(self) -> bytes:
         return encode_event(
             "response.completed",

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from ds2oai import jsonutil
 from ds2oai.chain import Body, Exchange, Next, Reply, single
+from ds2oai.chunk_template import TextTemplate
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
@@ -37,13 +38,14 @@ from ds2oai.events import (
     EndOfBody,
     MalformedChunk,
     StreamBroken,
+    TextDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
     parse_upstream_event,
 )
 from ds2oai.metrics import QUEUE_WAIT, RESUMES
 from ds2oai.resume import Progress, ResumePolicy
-from ds2oai.sse import SSEComment, SSEDecoder, encode_comment
+from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent, encode_comment
 from ds2oai.upstream import read_limited
 from ds2oai.upstream_errors import (
     broken_error,
@@ -169,6 +171,94 @@ async def _next(body: Body) -> bytes | None:
         return None
 
 
+_LEARN_ATTEMPTS = 4  # text templates tried per stream before giving up on the byte path
+
+
+class _Reader:
+    """One answer's upstream bytes -> normalized events, in order.
+
+    The SSE decoder hands over one-line `data:` payloads as bytes; a payload that fits the
+    stream's text template (`chunk_template`) becomes a `TextDelta` without being parsed, any
+    other is decoded and parsed in full. Templates are learned from parsed plain text chunks,
+    so the dialect always sees a full `Chunk` before the first `TextDelta`.
+    """
+
+    __slots__ = ("_decoder", "_exchange", "_learn", "_secrets", "_template")
+
+    def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
+        self._exchange = exchange
+        self._secrets = secrets
+        self._decoder = SSEDecoder()
+        self._template: TextTemplate | None = None
+        self._learn = _LEARN_ATTEMPTS if templates else 0
+
+    def restart(self) -> None:
+        """A new upstream body (a resumed stream) starts with a clean decoder."""
+        self._decoder = SSEDecoder()
+
+    def read(self, data: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        template = self._template
+        run: list[bytes] | None = None  # the literals of the TextDelta being filled
+        for item in self._decoder.feed_raw(data):
+            if type(item) is bytes:
+                if template is not None:
+                    literal = template.match(item)
+                    if literal is not None:
+                        if run is None:
+                            run = [literal]
+                            events.append(TextDelta(run))
+                        else:
+                            run.append(literal)
+                        continue
+                payload = item.decode("utf-8", "replace")
+            elif isinstance(item, SSEComment):
+                trace = self._exchange.trace
+                if trace.first_comment_at is None:
+                    trace.first_comment_at = time.monotonic()
+                continue
+            else:
+                assert isinstance(item, SSEEvent)
+                payload = item.data
+            run = None
+            try:
+                event = parse_upstream_event(payload)
+            except MalformedChunk as exc:
+                self._exchange.trace.malformed_chunks += 1
+                log.warning(
+                    "skipped upstream chunk",
+                    extra={"request_id": self._exchange.request_id, "reason": str(exc)},
+                )
+                continue
+            if isinstance(event, Chunk):
+                _note(self._exchange, event)
+                if self._learn and type(item) is bytes and TextTemplate.eligible(event):
+                    # A plain text chunk the template did not fit (or there is none yet).
+                    self._learn -= 1
+                    template = TextTemplate.learn(item, event) or template
+                    self._template = template
+            elif isinstance(event, UpstreamErrorEvent):
+                # The upstream's words go to the client: bounded, no control chars, no keys.
+                event = UpstreamErrorEvent(
+                    sanitize_message(event.code, self._secrets)[:100],
+                    sanitize_message(event.message, self._secrets),
+                )
+            events.append(event)
+        return events
+
+
+def _note(exchange: Exchange, chunk: Chunk) -> None:
+    trace = exchange.trace
+    if trace.first_token_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+        trace.first_token_at = time.monotonic()
+        if trace.first_comment_at is not None:
+            trace.queue_wait = trace.first_token_at - trace.first_comment_at
+            QUEUE_WAIT.observe(trace.queue_wait)
+    if chunk.usage is not None:
+        trace.prompt_tokens = chunk.usage.get("prompt_tokens")
+        trace.completion_tokens = chunk.usage.get("completion_tokens")
+
+
 class Reframe:
     name = "reframe"
 
@@ -257,52 +347,12 @@ class Reframe:
             "The upstream answered without an event stream",
         )
 
-    def _events(self, exchange: Exchange, decoder: SSEDecoder, data: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        trace = exchange.trace
-        for item in decoder.feed(data):
-            if isinstance(item, SSEComment):
-                if trace.first_comment_at is None:
-                    trace.first_comment_at = time.monotonic()
-                continue
-            try:
-                event = parse_upstream_event(item.data)
-            except MalformedChunk as exc:
-                trace.malformed_chunks += 1
-                log.warning(
-                    "skipped upstream chunk",
-                    extra={"request_id": exchange.request_id, "reason": str(exc)},
-                )
-                continue
-            if isinstance(event, Chunk):
-                self._note(exchange, event)
-            elif isinstance(event, UpstreamErrorEvent):
-                # The upstream's words go to the client: bounded, no control chars, no keys.
-                event = UpstreamErrorEvent(
-                    sanitize_message(event.code, self._secrets)[:100],
-                    sanitize_message(event.message, self._secrets),
-                )
-            events.append(event)
-        return events
-
-    @staticmethod
-    def _note(exchange: Exchange, chunk: Chunk) -> None:
-        trace = exchange.trace
-        if trace.first_token_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
-            trace.first_token_at = time.monotonic()
-            if trace.first_comment_at is not None:
-                trace.queue_wait = trace.first_token_at - trace.first_comment_at
-                QUEUE_WAIT.observe(trace.queue_wait)
-        if chunk.usage is not None:
-            trace.prompt_tokens = chunk.usage.get("prompt_tokens")
-            trace.completion_tokens = chunk.usage.get("completion_tokens")
-
     async def _collect(self, exchange: Exchange, body: Body) -> Reply:
         collector = self._collectors[exchange.dialect](exchange)
-        decoder = SSEDecoder()
+        reader = _Reader(exchange, self._secrets, templates=False)
         try:
             async for data in body:
-                for event in self._events(exchange, decoder, data):
+                for event in reader.read(data):
                     collector.feed(event)
                 if collector.ended:
                     break
@@ -333,8 +383,11 @@ class Reframe:
     async def _stream(
         self, exchange: Exchange, body: Body, dialect: Dialect, call_next: Next
     ) -> Body:
-        decoder = SSEDecoder()
         progress = Progress() if self._resume is not None else None
+        # Resume needs every chunk's text (Progress), so it keeps the parsed path.
+        reader = _Reader(
+            exchange, self._secrets, templates=progress is None and dialect.text_literals
+        )
         sent = False  # any byte went downstream: failures are events from now on
         started = False  # the dialect produced output: no more keep-alive comments
         pending: asyncio.Task[bytes | None] | None = None
@@ -353,7 +406,7 @@ class Reframe:
                     else:
                         data = await anext(body, None)
                     events: list[UpstreamEvent] = (
-                        [EndOfBody()] if data is None else self._events(exchange, decoder, data)
+                        [EndOfBody()] if data is None else reader.read(data)
                     )
                 except UpstreamStreamError as exc:
                     events = [StreamBroken(exc.message, timeout=exc.timeout)]
@@ -386,7 +439,8 @@ class Reframe:
                     return
                 if resumed is not None:
                     await body.aclose()
-                    body, decoder = resumed, SSEDecoder()
+                    body = resumed
+                    reader.restart()
         finally:
             trace = exchange.trace
             trace.outcome = trace.outcome or dialect.outcome

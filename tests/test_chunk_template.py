@@ -1,0 +1,185 @@
+"""The byte-level text path (chunk_template + reframe's reader): faster, never different.
+
+Unit tests pin what a template accepts and refuses; property tests feed the same upstream
+bytes, split anywhere, through the reader with and without templates and require the same
+client bytes from the spec and chat dialects.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds2oai.chain import Exchange, Trace
+from ds2oai.chunk_template import TextTemplate
+from ds2oai.dialects.base import ChunkDialect
+from ds2oai.dialects.chat import ChatDialect
+from ds2oai.dialects.spec import SpecDialect
+from ds2oai.events import Chunk, EndOfBody, TextDelta, UpstreamEvent, parse_upstream_event
+from ds2oai.middleware.reframe import _Reader
+
+BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
+
+
+def payload(content: Any = "hi", *, finish: Any = None, **extra: Any) -> bytes:
+    choice = {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
+    return json.dumps({**BASE, "choices": [choice], "usage": None, **extra}).encode()
+
+
+def learned(raw: bytes) -> TextTemplate | None:
+    chunk = parse_upstream_event(raw.decode())
+    assert isinstance(chunk, Chunk)
+    return TextTemplate.learn(raw, chunk)
+
+
+def test_learns_and_matches_the_same_chunk_with_other_text() -> None:
+    template = learned(payload("Hello"))
+    assert template is not None
+    assert template.match(payload(" world")) == b'" world"'
+    assert template.match(payload("")) == b'""'
+    literal = template.match(payload('say "hi"\\ \u00e9\u4f60 \U0001f600\n'))
+    assert literal is not None
+    assert json.loads(literal) == 'say "hi"\\ \u00e9\u4f60 \U0001f600\n'
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        payload("x", finish="stop"),  # the finish chunk
+        payload("x", usage={"prompt_tokens": 1}),  # a usage chunk (duplicate key: last wins)
+        json.dumps({**BASE, "id": "c-2", "choices": [{"index": 0, "delta": {"content": "x"}}]}),
+        payload("x").replace(b'"content": ', b'"content":'),  # other spacing
+        payload("x").replace(b'"x"', b'"a", "content": "b"'),  # a second key smuggled in
+        payload("x").replace(b'"x"', b'"a", "reasoning_content": "b"'),
+        payload("x").replace(b'"x"', b'"a\\qb"'),  # invalid escape
+        payload("x").replace(b'"x"', b'"a\\u12"'),  # short \u escape
+        payload("x").replace(b'"x"', b'"a\tb"'),  # raw control character
+        payload("x").replace(b'"x"', b'"a\xff"'),  # invalid UTF-8
+        payload("x").replace(b'"x"', b'"a"b"'),  # unescaped quote
+        payload("x").replace(b'"x"', b"null"),
+        b"[DONE]",
+    ],
+)
+def test_anything_but_a_plain_text_chunk_does_not_match(other: bytes | str) -> None:
+    template = learned(payload("Hello"))
+    assert template is not None
+    raw = other.encode() if isinstance(other, str) else other
+    assert template.match(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        payload(""),  # no text: nothing to tell the text's place by
+        payload("x", finish="stop"),
+        payload(None),
+        payload("x", usage={"prompt_tokens": 1}),
+        json.dumps(
+            {**BASE, "choices": [{"index": 0, "delta": {"role": "user", "content": "x"}}]}
+        ).encode(),
+        json.dumps(
+            {**BASE, "choices": [{"index": 0, "delta": {"content": "x", "reasoning_content": "r"}}]}
+        ).encode(),
+        # "content" twice: the parser keeps the last one, a template would see the first
+        payload("x").replace(b'"content": "x"', b'"content": "a", "content": "b"'),
+        json.dumps({**BASE, "note": "content", "choices": [{"delta": {"content": "x"}}]}).encode(),
+    ],
+)
+def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:
+    chunk = parse_upstream_event(raw.decode())
+    assert isinstance(chunk, Chunk)
+    assert TextTemplate.learn(raw, chunk) is None
+
+
+def _exchange() -> Exchange:
+    return Exchange(
+        request_id="r",
+        route="/v1/chat/completions",
+        dialect="spec",
+        stream=True,
+        exposed_model="gpt",
+        client_body={},
+        upstream_body={},
+        trace=Trace(),
+    )
+
+
+def _client_bytes(dialect: ChunkDialect, pieces: list[bytes], templates: bool) -> bytes:
+    reader = _Reader(_exchange(), (), templates=templates)
+    events: list[UpstreamEvent] = []
+    for piece in pieces:
+        events.extend(reader.read(piece))
+    events.append(EndOfBody())
+    return b"".join(dialect.feed(event) for event in events)
+
+
+texts = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from('"\\\n'),
+    max_size=6,
+)
+frame_kinds = st.sampled_from(["text", "text", "text", "role", "finish", "usage", "comment"])
+
+
+def _frames(draws: list[tuple[str, str]]) -> bytes:
+    out = [b"data: " + payload("first") + b"\n\n"]
+    for kind, text in draws:
+        if kind == "text":
+            out.append(b"data: " + payload(text) + b"\n\n")
+        elif kind == "role":
+            delta = {"role": "assistant", "content": text}
+            raw = json.dumps({**BASE, "choices": [{"delta": delta}]})
+            out.append(b"data: " + raw.encode() + b"\n\n")
+        elif kind == "finish":
+            out.append(b"data: " + payload(text, finish="stop") + b"\n\n")
+        elif kind == "usage":
+            usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+            raw = json.dumps({**BASE, "choices": [], "usage": usage})
+            out.append(b"data: " + raw.encode() + b"\n\n")
+        else:
+            out.append(b": keep-alive\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(frame_kinds, texts), max_size=14),
+    st.lists(st.integers(1, 400), max_size=8),
+    st.booleans(),
+)
+def test_templates_never_change_what_the_client_gets(
+    draws: list[tuple[str, str]], cuts: list[int], usage: bool
+) -> None:
+    body = _frames(draws)
+    positions = sorted({min(c, len(body)) for c in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *positions], [*positions, len(body)], strict=True)]
+    for make in (lambda: SpecDialect("gpt"), lambda: ChatDialect("gpt", include_usage=usage)):
+        slow = _client_bytes(make(), pieces, templates=False)
+        fast = _client_bytes(make(), pieces, templates=True)
+        # Same events, same order, same text: JSON may differ only in escaping.
+        assert _decoded(fast) == _decoded(slow)
+
+
+def _decoded(stream: bytes) -> list[Any]:
+    out: list[Any] = []
+    for block in stream.decode().split("\n\n"):
+        if not block:
+            continue
+        lines = block.split("\n")
+        data = lines[-1].removeprefix("data: ")
+        out.append((lines[:-1], data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+def test_the_common_stream_takes_the_byte_path() -> None:
+    body = b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(20))
+    reader = _Reader(_exchange(), (), templates=True)
+    events = reader.read(body)
+    assert [type(e) for e in events] == [Chunk, TextDelta]
+    delta = events[1]
+    assert isinstance(delta, TextDelta)
+    assert [json.loads(x) for x in delta.literals] == [f"w{i} " for i in range(1, 20)]
