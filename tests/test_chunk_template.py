@@ -19,8 +19,8 @@ from ds2oai.chunk_template import TextTemplate
 from ds2oai.dialects.base import ChunkDialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.spec import SpecDialect
+from ds2oai.event_reader import EventReader
 from ds2oai.events import Chunk, EndOfBody, TextDelta, UpstreamEvent, parse_upstream_event
-from ds2oai.middleware.reframe import _Reader
 
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
 
@@ -109,7 +109,7 @@ def _exchange() -> Exchange:
 
 
 def _client_bytes(dialect: ChunkDialect, pieces: list[bytes], templates: bool) -> bytes:
-    reader = _Reader(_exchange(), (), templates=templates)
+    reader = EventReader(_exchange(), (), templates=templates)
     events: list[UpstreamEvent] = []
     for piece in pieces:
         events.extend(reader.read(piece))
@@ -177,7 +177,7 @@ def _decoded(stream: bytes) -> list[Any]:
 
 def test_the_common_stream_takes_the_byte_path() -> None:
     body = b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(20))
-    reader = _Reader(_exchange(), (), templates=True)
+    reader = EventReader(_exchange(), (), templates=True)
     events = reader.read(body)
     assert [type(e) for e in events] == [Chunk, TextDelta]
     delta = events[1]

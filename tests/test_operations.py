@@ -129,6 +129,22 @@ async def test_downstream_keepalive_comments_while_the_upstream_is_silent(
     assert events[-1].event == "response.completed"
 
 
+async def test_upstream_comments_do_not_hold_back_downstream_keepalives(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # DeepSeek keeps a queued request alive with comments of its own, more often than ours:
+    # they reach the gateway but no client byte, so they must not reset our keep-alive clock.
+    queued = [step for _ in range(12) for step in (Sleep(0.08), Send(b": keep-alive\n\n"))]
+    fault_upstream.queue((Head(), *queued, *[Send(e) for e in text_events(["a", "b"])]))
+    server = await gateway(fault_upstream.url, server={"keepalive_interval": 0.25})
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        raw = await resp.read()
+    assert 2 <= raw.count(b": keep-alive\n\n") <= 5
+    assert spec_text(parse_events(raw)) == "ab"
+
+
 async def test_keepalives_stop_once_the_answer_started(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

@@ -35,7 +35,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise _invalid("invalid_json", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _invalid("invalid_body", "The request body must be a JSON object")
-    if _depth_exceeds(body, MAX_DEPTH):
+    # Each level opens with `[` or `{`: a body with few of them cannot nest too deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_exceeds(body, MAX_DEPTH):
         raise _invalid(
             "too_deeply_nested", f"The request body nests JSON deeper than {MAX_DEPTH} levels"
         )

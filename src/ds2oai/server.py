@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ds2oai import __version__, jsonutil, metrics
-from ds2oai.chain import Exchange, Next, Reply, Trace, build_middleware, fold
+from ds2oai.chain import Exchange, LastChunk, Next, Reply, Trace, build_middleware, fold
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
@@ -275,14 +275,24 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         in_flight = True
         try:
             measured = False
-            if first:
-                await response.write(first)
-                measured = _added_latency(trace)
-            async for data in body:
-                await response.write(data)
-                if not measured:
-                    measured = _added_latency(trace)
-            await response.write_eof()
+            item = first
+            while item is not None:
+                ahead = None
+                if type(item) is LastChunk:
+                    ahead = await anext(body, None)
+                    if ahead is None:
+                        # The body ended as promised: its last bytes and the end in one write.
+                        await response.write_eof(item)
+                        break
+                if item:
+                    await response.write(item)
+                    if not measured:
+                        measured = _added_latency(trace)
+                item = ahead if ahead is not None else await anext(body, None)
+            else:
+                await response.write_eof()
+            if not measured:
+                _added_latency(trace)
         except ConnectionError:
             # The client went away mid-stream: stop reading upstream (finally closes it).
             trace.outcome = "client_cancelled"

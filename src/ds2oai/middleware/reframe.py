@@ -3,13 +3,14 @@
 Reads: the upstream reply (status, content type, body bytes) and `exchange.dialect`/`stream`.
 Changes: a non-200 reply passes through untouched (`retry`, `rate_limit` and the error boundary
 act on it wherever they sit); a 200 that is not SSE becomes a `ClientError`; a 200 SSE body is
-decoded incrementally (`sse.SSEDecoder`), normalized (`events.parse_upstream_event`) and fed to
-the exchange's dialect, yielding one write per upstream read. A failure before the first
-downstream byte is raised as a `ClientError` (a plain HTTP error); after it, the dialect ends
-the stream with its terminal error event. Non-JSON chunks are skipped and logged with the
-request id. `"stream": false` collects the whole answer into one JSON object. While the upstream
-is silent before the first event (DeepSeek queues requests, sending `: keep-alive`), SSE comment
-lines go downstream every `server.keepalive_interval` seconds so proxies do not cut the client.
+turned into events by an `event_reader.EventReader` (SSE decoder, JSON or the byte-level text
+template) and fed to the exchange's dialect, yielding one write per upstream read. A failure
+before the first downstream byte is raised as a `ClientError` (a plain HTTP error); after it,
+the dialect ends the stream with its terminal error event. Non-JSON chunks are skipped and
+logged with the request id. `"stream": false` collects the whole answer into one JSON object.
+Until the first event goes out (DeepSeek queues requests, sending only `: keep-alive`), an SSE
+comment goes downstream every `server.keepalive_interval` seconds so proxies do not cut the
+client, whether or not the upstream sends comments of its own.
 Position: anywhere after `auth` (the default chain has it innermost). Required exactly once.
 """
 
@@ -19,37 +20,32 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ds2oai import jsonutil
-from ds2oai.chain import Body, Exchange, Next, Reply, single
-from ds2oai.chunk_template import TextTemplate
+from ds2oai.chain import Body, Exchange, LastChunk, Next, Reply, single
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.completion import CompletionCollector
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.errors import ClientError, GatewayError, SSEDecodeError, UpstreamStreamError
+from ds2oai.event_reader import EventReader
 from ds2oai.events import (
     Chunk,
     Done,
     EndOfBody,
-    MalformedChunk,
     StreamBroken,
-    TextDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
-    parse_upstream_event,
 )
-from ds2oai.metrics import QUEUE_WAIT, RESUMES
+from ds2oai.metrics import RESUMES
 from ds2oai.resume import Progress, ResumePolicy
-from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent, encode_comment
+from ds2oai.sse import encode_comment
 from ds2oai.upstream import read_limited
 from ds2oai.upstream_errors import (
     broken_error,
-    sanitize_message,
     upstream_error_fields,
     upstream_event_error,
 )
@@ -171,94 +167,6 @@ async def _next(body: Body) -> bytes | None:
         return None
 
 
-_LEARN_ATTEMPTS = 4  # text templates tried per stream before giving up on the byte path
-
-
-class _Reader:
-    """One answer's upstream bytes -> normalized events, in order.
-
-    The SSE decoder hands over one-line `data:` payloads as bytes; a payload that fits the
-    stream's text template (`chunk_template`) becomes a `TextDelta` without being parsed, any
-    other is decoded and parsed in full. Templates are learned from parsed plain text chunks,
-    so the dialect always sees a full `Chunk` before the first `TextDelta`.
-    """
-
-    __slots__ = ("_decoder", "_exchange", "_learn", "_secrets", "_template")
-
-    def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
-        self._exchange = exchange
-        self._secrets = secrets
-        self._decoder = SSEDecoder()
-        self._template: TextTemplate | None = None
-        self._learn = _LEARN_ATTEMPTS if templates else 0
-
-    def restart(self) -> None:
-        """A new upstream body (a resumed stream) starts with a clean decoder."""
-        self._decoder = SSEDecoder()
-
-    def read(self, data: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        template = self._template
-        run: list[bytes] | None = None  # the literals of the TextDelta being filled
-        for item in self._decoder.feed_raw(data):
-            if type(item) is bytes:
-                if template is not None:
-                    literal = template.match(item)
-                    if literal is not None:
-                        if run is None:
-                            run = [literal]
-                            events.append(TextDelta(run))
-                        else:
-                            run.append(literal)
-                        continue
-                payload = item.decode("utf-8", "replace")
-            elif isinstance(item, SSEComment):
-                trace = self._exchange.trace
-                if trace.first_comment_at is None:
-                    trace.first_comment_at = time.monotonic()
-                continue
-            else:
-                assert isinstance(item, SSEEvent)
-                payload = item.data
-            run = None
-            try:
-                event = parse_upstream_event(payload)
-            except MalformedChunk as exc:
-                self._exchange.trace.malformed_chunks += 1
-                log.warning(
-                    "skipped upstream chunk",
-                    extra={"request_id": self._exchange.request_id, "reason": str(exc)},
-                )
-                continue
-            if isinstance(event, Chunk):
-                _note(self._exchange, event)
-                if self._learn and type(item) is bytes and TextTemplate.eligible(event):
-                    # A plain text chunk the template did not fit (or there is none yet).
-                    self._learn -= 1
-                    template = TextTemplate.learn(item, event) or template
-                    self._template = template
-            elif isinstance(event, UpstreamErrorEvent):
-                # The upstream's words go to the client: bounded, no control chars, no keys.
-                event = UpstreamErrorEvent(
-                    sanitize_message(event.code, self._secrets)[:100],
-                    sanitize_message(event.message, self._secrets),
-                )
-            events.append(event)
-        return events
-
-
-def _note(exchange: Exchange, chunk: Chunk) -> None:
-    trace = exchange.trace
-    if trace.first_token_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
-        trace.first_token_at = time.monotonic()
-        if trace.first_comment_at is not None:
-            trace.queue_wait = trace.first_token_at - trace.first_comment_at
-            QUEUE_WAIT.observe(trace.queue_wait)
-    if chunk.usage is not None:
-        trace.prompt_tokens = chunk.usage.get("prompt_tokens")
-        trace.completion_tokens = chunk.usage.get("completion_tokens")
-
-
 class Reframe:
     name = "reframe"
 
@@ -349,7 +257,7 @@ class Reframe:
 
     async def _collect(self, exchange: Exchange, body: Body) -> Reply:
         collector = self._collectors[exchange.dialect](exchange)
-        reader = _Reader(exchange, self._secrets, templates=False)
+        reader = EventReader(exchange, self._secrets, templates=False)
         try:
             async for data in body:
                 for event in reader.read(data):
@@ -385,21 +293,27 @@ class Reframe:
     ) -> Body:
         progress = Progress() if self._resume is not None else None
         # Resume needs every chunk's text (Progress), so it keeps the parsed path.
-        reader = _Reader(
+        reader = EventReader(
             exchange, self._secrets, templates=progress is None and dialect.text_literals
         )
         sent = False  # any byte went downstream: failures are events from now on
         started = False  # the dialect produced output: no more keep-alive comments
         pending: asyncio.Task[bytes | None] | None = None
+        # The keep-alive clock runs from the last byte the client got: upstream reads that
+        # produce nothing (its own comments) do not reset it.
+        loop = asyncio.get_running_loop()
+        keepalive_at = loop.time() + self._keepalive
         try:
             while True:
                 try:
                     if not started and self._keepalive > 0:
                         if pending is None:
                             pending = asyncio.ensure_future(_next(body))
-                        done, _ = await asyncio.wait((pending,), timeout=self._keepalive)
+                        wait = max(0.0, keepalive_at - loop.time())
+                        done, _ = await asyncio.wait((pending,), timeout=wait)
                         if not done:
                             sent = True
+                            keepalive_at = loop.time() + self._keepalive
                             yield encode_comment()
                             continue
                         data, pending = pending.result(), None
@@ -434,6 +348,9 @@ class Reframe:
                     await self._end(exchange)
                 if parts:
                     sent = started = True
+                    if dialect.outcome is not None:
+                        yield LastChunk(b"".join(parts))
+                        return
                     yield b"".join(parts)
                 if dialect.outcome is not None:
                     return

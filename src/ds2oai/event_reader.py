@@ -1,0 +1,145 @@
+"""Upstream body bytes -> normalized events, in order: the front half of `reframe`.
+
+`EventReader.read(bytes)` feeds the SSE decoder and turns what it completes into
+`UpstreamEvent`s for a dialect or collector. Comments are noted on the trace (queue wait) and
+dropped; payloads that are not JSON objects are counted, logged and skipped; upstream error
+messages are cleaned of control characters and secrets. With templates on, consecutive
+payloads that fit the stream's text template (`chunk_template`) become one `TextDelta`
+without JSON parsing; everything else is parsed in full. A template is learned only from a
+parsed plain text chunk, so a dialect always sees a full `Chunk` before the first `TextDelta`.
+Touches only the exchange's trace; no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ds2oai.chain import Exchange
+from ds2oai.chunk_template import TextTemplate
+from ds2oai.events import (
+    Chunk,
+    MalformedChunk,
+    TextDelta,
+    UpstreamErrorEvent,
+    UpstreamEvent,
+    parse_upstream_event,
+)
+from ds2oai.metrics import QUEUE_WAIT
+from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent
+from ds2oai.upstream_errors import sanitize_message
+
+__all__ = ["EventReader"]
+
+log = logging.getLogger("ds2oai.reframe")
+
+_LEARN_ATTEMPTS = 4  # text templates tried per stream before giving up on the byte path
+
+
+class EventReader:
+    __slots__ = ("_decoder", "_exchange", "_learn", "_secrets", "_template")
+
+    def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
+        self._exchange = exchange
+        self._secrets = secrets
+        self._decoder = SSEDecoder()
+        self._template: TextTemplate | None = None
+        self._learn = _LEARN_ATTEMPTS if templates else 0
+
+    def restart(self) -> None:
+        """A new upstream body (a resumed stream) starts with a clean decoder."""
+        self._decoder = SSEDecoder()
+
+    def read(self, data: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        template = self._template
+        run: list[bytes] = []  # payloads that fit the template, not yet turned into events
+        for item in self._decoder.feed_raw(data):
+            if type(item) is bytes:
+                if (
+                    template is not None
+                    and item.startswith(template.prefix)
+                    and item.endswith(template.suffix)
+                ):
+                    run.append(item)
+                    continue
+                if run:
+                    self._run(run, events)
+                    run = []
+                self._payload(item, events)
+                template = self._template  # may have been learned from this payload
+            elif isinstance(item, SSEComment):
+                trace = self._exchange.trace
+                if trace.first_comment_at is None:
+                    trace.first_comment_at = time.monotonic()
+            else:
+                assert isinstance(item, SSEEvent)
+                if run:
+                    self._run(run, events)
+                    run = []
+                self._parsed(item.data, None, events)
+        if run:
+            self._run(run, events)
+        return events
+
+    def _run(self, run: list[bytes], events: list[UpstreamEvent]) -> None:
+        template = self._template
+        assert template is not None
+        literals = template.literals(run)
+        if literals is not None:
+            self._text(literals, events)
+            return
+        for payload in run:  # some text is not a valid literal: take them one by one
+            self._payload(payload, events)
+
+    def _payload(self, payload: bytes, events: list[UpstreamEvent]) -> None:
+        template = self._template
+        literal = template.match(payload) if template is not None else None
+        if literal is not None:
+            self._text([literal], events)
+        else:
+            self._parsed(payload.decode("utf-8", "replace"), payload, events)
+
+    @staticmethod
+    def _text(literals: list[bytes], events: list[UpstreamEvent]) -> None:
+        last = events[-1] if events else None
+        if type(last) is TextDelta:
+            last.literals.extend(literals)
+        else:
+            events.append(TextDelta(literals))
+
+    def _parsed(self, data: str, raw: bytes | None, events: list[UpstreamEvent]) -> None:
+        try:
+            event = parse_upstream_event(data)
+        except MalformedChunk as exc:
+            self._exchange.trace.malformed_chunks += 1
+            log.warning(
+                "skipped upstream chunk",
+                extra={"request_id": self._exchange.request_id, "reason": str(exc)},
+            )
+            return
+        if isinstance(event, Chunk):
+            _note(self._exchange, event)
+            if self._learn and raw is not None and TextTemplate.eligible(event):
+                # A plain text chunk the template did not fit (or there is none yet).
+                self._learn -= 1
+                self._template = TextTemplate.learn(raw, event) or self._template
+        elif isinstance(event, UpstreamErrorEvent):
+            # The upstream's words go to the client: bounded, no control chars, no keys.
+            event = UpstreamErrorEvent(
+                sanitize_message(event.code, self._secrets)[:100],
+                sanitize_message(event.message, self._secrets),
+            )
+        events.append(event)
+
+
+def _note(exchange: Exchange, chunk: Chunk) -> None:
+    trace = exchange.trace
+    if trace.first_token_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+        trace.first_token_at = time.monotonic()
+        if trace.first_comment_at is not None:
+            trace.queue_wait = trace.first_token_at - trace.first_comment_at
+            QUEUE_WAIT.observe(trace.queue_wait)
+    if chunk.usage is not None:
+        trace.prompt_tokens = chunk.usage.get("prompt_tokens")
+        trace.completion_tokens = chunk.usage.get("completion_tokens")
