@@ -38,7 +38,9 @@ def value(
 async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    server = await gateway(fault_upstream.url)
+    server = await gateway(
+        fault_upstream.url, models={"aliases": {"metrics-model": "deepseek-chat"}}
+    )
     before = await scrape(client, server.make_url("/metrics"))
     async with client.post(
         server.make_url("/v1/chat/completions"),
@@ -59,6 +61,26 @@ async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
     assert delta("ds2oai_gateway_added_latency_seconds_count") == 1
     assert delta("ds2oai_middleware_seconds_count", middleware="retry") == 1
     assert value(after, "ds2oai_streams_in_flight") == 0
+
+
+async def test_made_up_model_names_do_not_become_metric_labels(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # Any string a client sends as `model` would otherwise be a new label value (memory that
+    # grows without bound); unknown names are counted under the upstream model they went to.
+    server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
+    for name in ("made-up-1", "made-up-2"):
+        async with client.post(
+            server.make_url("/v1/chat/completions"),
+            json={"messages": [], "stream": True, "model": name},
+        ) as resp:
+            await resp.read()
+    after = await scrape(client, server.make_url("/metrics"))
+    assert not [key for key in after if ("model", "made-up-1") in key[1]]
+    out = "ds2oai_tokens_total"
+    labels = {"model": "deepseek-chat", "direction": "out"}
+    assert value(after, out, **labels) - value(before, out, **labels) == 4
 
 
 async def test_broken_stream_is_counted_by_outcome(

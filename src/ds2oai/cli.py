@@ -77,6 +77,11 @@ def _serve_one(config: Config) -> None:
     # reach, so the collections that streams trigger never walk it.
     gc.collect()
     gc.freeze()
+    # Per-request garbage is freed by reference counting; the cyclic collector only has to
+    # catch the odd cycle. Its default (a young collection every 700 allocations) walks every
+    # in-flight stream's objects again and again: 2.6 % of the instructions per stream at 128
+    # concurrent streams (callgrind). 10,000 keeps cycles short-lived and that cost negligible.
+    gc.set_threshold(10_000, 10, 10)
 
     web.run_app(
         app,

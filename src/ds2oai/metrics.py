@@ -8,7 +8,9 @@ Recording functions are small and never raise; nothing here touches requests or 
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +38,7 @@ __all__ = [
     "STREAMS",
     "TOKENS",
     "TTFT",
+    "child",
     "render",
 ]
 
@@ -108,6 +111,22 @@ RETRY_BUDGET_EXHAUSTED = Counter(
     "ds2oai_retry_budget_exhausted",
     "Retries not made because the retry budget was used up",
 )
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+@functools.lru_cache(maxsize=4096)
+def _child(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> object:
+    return metric.labels(*labels)
+
+
+def child(metric: _Metric, *labels: str) -> _Metric:
+    """`metric.labels(*labels)`, looked up once per label set (prometheus-client takes a lock
+    and builds the key on every call). Label values must come from bounded sets."""
+    found = _child(metric, labels)
+    assert isinstance(found, type(metric))
+    return found
 
 
 def render() -> bytes:

@@ -51,6 +51,7 @@ STORE = web.AppKey("store", ResponseStore)
 SEALER = web.AppKey("sealer", Sealer)
 OWNS_PROCESS = web.AppKey("owns_process", bool)
 AUTH = web.AppKey("auth", BearerAuth)
+MODEL_LABELS: web.AppKey[frozenset[str]] = web.AppKey("model_labels")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -147,7 +148,7 @@ def _route_label(request: web.Request) -> str:
 
 def _record(request: web.Request, status: int) -> None:
     """Metrics for one finished request (never raises)."""
-    metrics.REQUESTS.labels(_route_label(request), str(status)).inc()
+    metrics.child(metrics.REQUESTS, _route_label(request), str(status)).inc()
     exchange = request.get(_EXCHANGE)
     if exchange is None:
         return
@@ -156,14 +157,17 @@ def _record(request: web.Request, status: int) -> None:
     # from `auth` or a 429 from `limits` is not a stream outcome).
     outcome = trace.outcome or ("upstream_error" if status >= 400 and trace.attempts else None)
     if outcome is not None:
-        metrics.STREAMS.labels(exchange.dialect, outcome).inc()
+        metrics.child(metrics.STREAMS, exchange.dialect, outcome).inc()
     if trace.first_token_at is not None:
         metrics.TTFT.observe(trace.first_token_at - trace.started)
     model = exchange.exposed_model
+    if model not in request.app[MODEL_LABELS]:
+        # A name the client made up (it was sent as the default): label values stay bounded.
+        model = str(exchange.upstream_body.get("model", "other"))
     if trace.prompt_tokens:
-        metrics.TOKENS.labels(model, "in").inc(trace.prompt_tokens)
+        metrics.child(metrics.TOKENS, model, "in").inc(trace.prompt_tokens)
     if trace.completion_tokens:
-        metrics.TOKENS.labels(model, "out").inc(trace.completion_tokens)
+        metrics.child(metrics.TOKENS, model, "out").inc(trace.completion_tokens)
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str]:
@@ -558,6 +562,7 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
+    app[MODEL_LABELS] = frozenset(config.models.exposed_names())
     app[OWNS_PROCESS] = owns_process
     app.cleanup_ctx.append(_upstream_ctx)
     app.on_shutdown.append(_drain_on_shutdown)

@@ -101,7 +101,9 @@ class SSEDecoder:
             self._bom_checked = True
             if buf.startswith(_BOM):
                 del buf[: len(_BOM)]
-        if not self._data and self._event is None and b"\r" not in buf:
+        # `.find() < 0` rather than `not in` on the hot path: CPython 3.11's bytes `in` first
+        # tries the operand as an int, raising and clearing a TypeError each time.
+        if not self._data and self._event is None and buf.find(b"\r") < 0:
             # Fast path (LF-only streams, no event half-parsed): whole events end at "\n\n";
             # the usual one-line `data:` event costs one split and one slice. The tail keeps
             # any incomplete event for the next feed.
@@ -111,7 +113,7 @@ class SSEDecoder:
                 limit = self._max_event_bytes
                 for block in blocks:
                     # `_block`'s first case, inline: the one-line `data:` event is the hot path.
-                    if block[:6] == b"data: " and len(block) <= limit and b"\n" not in block:
+                    if block[:6] == b"data: " and len(block) <= limit and block.find(b"\n") < 0:
                         out.append(block[6:])
                     else:
                         self._block(block, out, raw)
@@ -120,7 +122,7 @@ class SSEDecoder:
                     self._block(block, out, raw)
             buf[:] = tail
             self._scan = 0
-            if len(tail) <= _FAST_TAIL and b"\n" not in tail:
+            if len(tail) <= _FAST_TAIL and tail.find(b"\n") < 0:
                 if len(tail) > self._max_event_bytes:
                     raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
                 return out
@@ -153,7 +155,7 @@ class SSEDecoder:
         """One complete event (the text between blank lines), state known to be clean."""
         if len(block) > self._max_event_bytes:
             raise SSEDecodeError(f"SSE event larger than {self._max_event_bytes} bytes")
-        if b"\n" not in block:
+        if block.find(b"\n") < 0:
             if block[:6] == b"data: ":
                 if raw:
                     out.append(block[6:])

@@ -21,7 +21,7 @@ from ds2oai.balancer import CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
 from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
-from ds2oai.metrics import ATTEMPTS, SELECTED
+from ds2oai.metrics import ATTEMPTS, SELECTED, child
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
 __all__ = ["Target", "UpstreamClient", "read_limited", "targets_from_config"]
@@ -165,25 +165,25 @@ class UpstreamClient:
                 reply = await self._post(exchange, target.url, target.auth, target.models)
             except UpstreamConnectError as exc:
                 target.breaker.failure()
-                SELECTED.labels(target.name, "connect_error").inc()
+                child(SELECTED, target.name, "connect_error").inc()
                 last_error = exc
                 if not pooled:
                     raise
                 continue  # fail over before the first byte
             except UpstreamTimeoutError:
                 target.breaker.failure()
-                SELECTED.labels(target.name, "timeout").inc()
+                child(SELECTED, target.name, "timeout").inc()
                 raise
             if reply.status >= 500 or reply.status == 429:
                 if reply.status >= 500:
                     target.breaker.failure()  # a 429 is about load, not health
-                SELECTED.labels(target.name, str(reply.status)).inc()
+                child(SELECTED, target.name, str(reply.status)).inc()
                 if pooled and choose(self._targets, exclude=tried) is not None:
                     await reply.aclose()
                     continue  # another upstream may answer
                 return reply
             target.breaker.success()
-            SELECTED.labels(target.name, str(reply.status)).inc()
+            child(SELECTED, target.name, str(reply.status)).inc()
             return reply
 
     async def _post(
@@ -208,23 +208,23 @@ class UpstreamClient:
                 allow_redirects=False,
             )
         except aiohttp.ConnectionTimeoutError:
-            ATTEMPTS.labels("connect_error").inc()
+            child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError("Timed out connecting to the upstream") from None
         except (aiohttp.ServerTimeoutError, TimeoutError):
-            ATTEMPTS.labels("timeout").inc()
+            child(ATTEMPTS, "timeout").inc()
             raise UpstreamTimeoutError(
                 f"The upstream sent no response within {self._read_timeout:g} s"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            ATTEMPTS.labels("connect_error").inc()
+            child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError(f"Cannot connect to the upstream ({exc.os_error})") from None
         except (aiohttp.ClientError, OSError) as exc:
-            ATTEMPTS.labels("connect_error").inc()
+            child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError(
                 f"Upstream connection failed before a response ({type(exc).__name__})"
             ) from None
         exchange.trace.upstream_statuses.append(response.status)
-        ATTEMPTS.labels(str(response.status)).inc()
+        child(ATTEMPTS, str(response.status)).inc()
         reply_headers = {k.lower(): v for k, v in response.headers.items()}
         return Reply(response.status, reply_headers, self._body(response), from_upstream=True)
 

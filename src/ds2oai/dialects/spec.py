@@ -86,7 +86,7 @@ class SpecDialect(ChunkDialect):
         head = self._delta_head
         # One join for the run; an empty text makes no event (as in `_chunk`).
         out = head + (b"}\n\n" + head).join(literals) + b"}\n\n"
-        if b'""}' in out:
+        if out.find(b'""}') >= 0:
             out = out.replace(head + b'""}\n\n', b"")
         return out
 
