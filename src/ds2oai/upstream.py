@@ -2,7 +2,7 @@
 
 `UpstreamClient` owns the process's one pooled `aiohttp.ClientSession`. It POSTs the exchange's
 `upstream_body` to `{base_url}/v1/chat/completions` with the gateway's own key, and returns a
-`Reply` whose body is the raw upstream byte stream (read with `iter_any()`, no line limit).
+`Reply` whose body is the raw upstream byte stream (`UpstreamBody`, safe to cancel between reads).
 Transport errors are translated into the ds2oai tree here and only here, body iteration
 included: before headers into `UpstreamConnectError` / `UpstreamTimeoutError`, during the body
 into `UpstreamStreamError`. Closing the body before its end closes the TCP connection, which is
@@ -11,8 +11,9 @@ how a client disconnect stops the upstream generating tokens nobody will read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import aiohttp
 
@@ -24,7 +25,7 @@ from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTim
 from ds2oai.metrics import ATTEMPTS, SELECTED, child
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
-__all__ = ["Target", "UpstreamClient", "read_limited", "targets_from_config"]
+__all__ = ["Target", "UpstreamBody", "UpstreamClient", "read_limited", "targets_from_config"]
 
 # Headers the upstream request never takes from anywhere but this module.
 _RESERVED = frozenset(
@@ -226,7 +227,9 @@ class UpstreamClient:
         exchange.trace.upstream_statuses.append(response.status)
         child(ATTEMPTS, str(response.status)).inc()
         reply_headers = {k.lower(): v for k, v in response.headers.items()}
-        return Reply(response.status, reply_headers, self._body(response), from_upstream=True)
+        return Reply(
+            response.status, reply_headers, UpstreamBody(self, response), from_upstream=True
+        )
 
     def abort_all(self, reason: str) -> None:
         """Cut every open upstream body (shutdown grace is over): each stream then ends with
@@ -235,28 +238,69 @@ class UpstreamClient:
         for response in list(self._open):
             response.close()
 
-    async def _body(self, response: aiohttp.ClientResponse) -> Body:
-        complete = False
-        self._open.add(response)
+
+class UpstreamBody(AsyncGenerator[bytes, None]):
+    """One upstream answer's bytes as the chain's `Body`, read as they arrive (no line limit).
+
+    Unlike an `async def` generator, a read may be cancelled without harm: aiohttp keeps the
+    bytes buffered for the next read, and the body stays open. `reframe` relies on that to wait
+    for the first event under a plain timeout (keep-alive comments) without a helper task.
+    Ends by releasing the connection to the pool after a complete body; any other end (error,
+    `aclose()` early, `abort_all`) closes the TCP connection, so the upstream stops generating.
+    """
+
+    __slots__ = ("_client", "_done", "_response")
+
+    def __init__(self, client: UpstreamClient, response: aiohttp.ClientResponse) -> None:
+        self._client = client
+        self._response = response
+        self._done = False
+        client._open.add(response)
+
+    async def asend(self, value: None) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        client = self._client
         try:
-            async for data in response.content.iter_any():
-                yield data
-            if self._abort_reason is not None:
-                raise UpstreamStreamError(self._abort_reason)  # cut by abort_all, not an EOF
-            complete = True
+            data = await self._response.content.readany()
         except (aiohttp.ServerTimeoutError, TimeoutError):
+            self._end(complete=False)
             raise UpstreamStreamError(
-                f"Upstream SSE stream timed out: no data for {self._read_timeout:g} s",
+                f"Upstream SSE stream timed out: no data for {client._read_timeout:g} s",
                 timeout=True,
             ) from None
         except (aiohttp.ClientError, OSError):
-            raise UpstreamStreamError(self._abort_reason or BROKEN_MESSAGE) from None
-        finally:
-            self._open.discard(response)
-            if complete:
-                response.release()
-            else:
-                response.close()  # drop the TCP connection: the upstream stops generating
+            self._end(complete=False)
+            raise UpstreamStreamError(client._abort_reason or BROKEN_MESSAGE) from None
+        if data:
+            return data
+        if client._abort_reason is not None:  # cut by abort_all, not an end of the body
+            self._end(complete=False)
+            raise UpstreamStreamError(client._abort_reason)
+        self._end(complete=True)
+        raise StopAsyncIteration
+
+    async def athrow(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> bytes:
+        # `aclose()` throws GeneratorExit in here: stop reading, drop the connection.
+        self._end(complete=False)
+        if isinstance(val, BaseException):
+            raise val
+        raise typ
+
+    def _end(self, *, complete: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._client._open.discard(self._response)
+        if complete:
+            self._response.release()
+        else:
+            self._response.close()
 
 
 async def read_limited(body: Body | bytes, limit: int = 64 * 1024) -> bytes:

@@ -43,7 +43,7 @@ from ds2oai.events import (
 from ds2oai.metrics import RESUMES
 from ds2oai.resume import Progress, ResumePolicy
 from ds2oai.sse import encode_comment
-from ds2oai.upstream import read_limited
+from ds2oai.upstream import UpstreamBody, read_limited
 from ds2oai.upstream_errors import (
     broken_error,
     upstream_error_fields,
@@ -307,16 +307,29 @@ class Reframe:
             while True:
                 try:
                     if not started and self._keepalive > 0:
-                        if pending is None:
-                            pending = asyncio.ensure_future(_next(body))
-                        wait = max(0.0, keepalive_at - loop.time())
-                        done, _ = await asyncio.wait((pending,), timeout=wait)
-                        if not done:
+                        silent = False  # nothing came before the keep-alive deadline
+                        data = None
+                        if type(body) is UpstreamBody:
+                            # A cancelled read loses nothing here: a plain timeout will do.
+                            try:
+                                async with asyncio.timeout_at(keepalive_at):
+                                    data = await anext(body, None)
+                            except TimeoutError:
+                                silent = True
+                        else:  # another stage's generator: race it from a helper task
+                            if pending is None:
+                                pending = asyncio.ensure_future(_next(body))
+                            wait = max(0.0, keepalive_at - loop.time())
+                            done, _ = await asyncio.wait((pending,), timeout=wait)
+                            if done:
+                                data, pending = pending.result(), None
+                            else:
+                                silent = True
+                        if silent:
                             sent = True
                             keepalive_at = loop.time() + self._keepalive
                             yield encode_comment()
                             continue
-                        data, pending = pending.result(), None
                     else:
                         data = await anext(body, None)
                     events: list[UpstreamEvent] = (

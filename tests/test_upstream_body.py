@@ -1,0 +1,84 @@
+"""`UpstreamBody`: a read may be cancelled without losing bytes or the connection.
+
+`reframe` waits for the first upstream event under a plain timeout (keep-alive comments);
+that is only sound if a timed-out read leaves the body exactly where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ds2oai.chain import Exchange, Trace
+from ds2oai.errors import UpstreamStreamError
+from ds2oai.upstream import UpstreamBody, UpstreamClient
+from tests.conftest import make_config
+from tests.fault_upstream import Close, FaultUpstream, Head, Send, Sleep, text_events
+
+
+def _exchange() -> Exchange:
+    return Exchange(
+        request_id="r",
+        route="spec",
+        dialect="spec",
+        stream=True,
+        exposed_model="m",
+        client_body={},
+        upstream_body={"model": "deepseek-chat", "messages": [], "stream": True},
+        trace=Trace(),
+    )
+
+
+async def test_a_timed_out_read_loses_nothing(fault_upstream: FaultUpstream) -> None:
+    events = text_events(["a", "b"])
+    fault_upstream.queue((Head(), Sleep(0.4), *[Send(e) for e in events]))
+    client = UpstreamClient.create(make_config(fault_upstream.url))
+    try:
+        reply = await client(_exchange())
+        body = reply.body
+        assert isinstance(body, UpstreamBody)
+        for _ in range(3):  # three reads cut short while the upstream is silent
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await anext(body)
+        received = b""
+        async for data in body:
+            received += data
+        assert received == b"".join(events)
+        assert not client._open  # released at the end
+    finally:
+        await client.close()
+
+
+async def test_aclose_mid_body_drops_the_connection(fault_upstream: FaultUpstream) -> None:
+    events = text_events(["a", "b", "c"])
+    fault_upstream.queue((Head(), Send(events[0]), Sleep(5), *[Send(e) for e in events[1:]]))
+    client = UpstreamClient.create(make_config(fault_upstream.url))
+    try:
+        reply = await client(_exchange())
+        body = reply.body
+        assert isinstance(body, UpstreamBody)
+        assert await anext(body) == events[0]
+        await body.aclose()
+        assert not client._open
+        with pytest.raises(StopAsyncIteration):
+            await anext(body)
+    finally:
+        await client.close()
+
+
+async def test_a_broken_body_is_a_stream_error(fault_upstream: FaultUpstream) -> None:
+    events = text_events(["a", "b"])
+    fault_upstream.queue((Head(), Send(events[0]), Close()))
+    client = UpstreamClient.create(make_config(fault_upstream.url))
+    try:
+        reply = await client(_exchange())
+        body = reply.body
+        assert isinstance(body, UpstreamBody)
+        assert await anext(body) == events[0]
+        with pytest.raises(UpstreamStreamError):
+            await anext(body)
+        assert not client._open
+    finally:
+        await client.close()
