@@ -366,6 +366,53 @@ def test_decoder_ignores_empty_feeds_between_bytes(raw: bytes) -> None:
     assert decode(chunks) == decode([raw])
 
 
+def _as_events(items: Sequence[SSEEvent | SSEComment | bytes]) -> list[Any]:
+    """feed_raw's bytes payloads as feed() reports them (event ids aside)."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, bytes):
+            out.append(("message", item.decode("utf-8", "replace")))
+        elif isinstance(item, SSEEvent):
+            out.append((item.event, item.data))
+        else:
+            out.append(item)
+    return out
+
+
+_LINES = st.sampled_from(
+    [
+        b'data: {"a":1}\n\n',
+        b"data: x\n\n",
+        b"data:no-space\n\n",
+        b": keep-alive\n\n",
+        b"event: e\ndata: named\n\n",
+        b"data: one\ndata: two\n\n",
+        b"id: 7\ndata: with-id\n\n",
+        b"data: cr\r\n\r\n",
+        b"data: lone-cr\r\r",
+        b"\n",
+        b"data: \xc3\xa9\xff\n\n",
+        b"retry: 5\n\n",
+        b"data:\n\n",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINES, max_size=12), st.lists(st.integers(0, 300), max_size=6))
+def test_feed_raw_reports_the_same_events_as_feed(lines: list[bytes], cuts: list[int]) -> None:
+    raw = b"".join(lines)
+    positions = sorted({min(c, len(raw)) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *positions], [*positions, len(raw)], strict=True)]
+    plain, fast = SSEDecoder(), SSEDecoder()
+    expected: list[Any] = []
+    got: list[Any] = []
+    for piece in pieces:
+        expected += _as_events(plain.feed(piece))
+        got += _as_events(fast.feed_raw(piece))
+    assert got == expected
+
+
 # --------------------------------------------------------------------------- encoders
 
 
