@@ -243,6 +243,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         ) from None
 
 
+class _StreamedReply(web.StreamResponse):
+    """A `StreamResponse` that keeps its status line and headers until the first body write,
+    as aiohttp does for a plain `Response`: the sink prepares with the first bytes already in
+    hand, so head and first event leave in one write (one syscall, one packet) instead of two.
+    """
+
+    _send_headers_immediately = False
+
+
 def _client_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
 
@@ -271,7 +280,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             first: bytes | None = await anext(body)
         except StopAsyncIteration:
             first = None
-        response = web.StreamResponse(status=reply.status, headers=headers)
+        response = _StreamedReply(status=reply.status, headers=headers)
         request[_PREPARED] = True
         await response.prepare(request)
         trace.first_byte_at = time.monotonic()
