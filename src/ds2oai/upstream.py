@@ -258,6 +258,10 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         client._open.add(response)
 
     async def asend(self, value: None) -> bytes:
+        return await self.__anext__()
+
+    async def __anext__(self) -> bytes:
+        # Overridden, not inherited: the mixin would add a coroutine per read on the hot path.
         if self._done:
             raise StopAsyncIteration
         client = self._client
