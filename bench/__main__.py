@@ -21,7 +21,8 @@ Scenarios (full mode; `--quick` shrinks every count and duration to a smoke test
   stream is open for 3.8 s): completion, TTFT p99, RSS sampled at 20 Hz, KiB per open stream.
 - S4 sustained: the most concurrent 64-chunk streams paced at 20 ms (starts spread over one
   stream's length, so the load is even) whose every frame arrives within 50 ms of its upstream
-  schedule; found by doubling, then bisecting, for direct, nginx and the gateway's spec route.
+  schedule; found by doubling, then bisecting, for direct, nginx, the naive relay and the
+  gateway's spec route.
 
 It prints a table, a last `BENCH_RESULT {json}` line, and writes `BENCHMARKS.md`. The exit status
 is 0 unless the harness itself failed (a process did not start): a number never fails it.
@@ -1139,6 +1140,8 @@ class Bench:
         ceiling = direct["sustained"] or p.s4_cap
         if "nginx" in self.systems:
             results.append(await self._search(self.systems["nginx"], ceiling, ceiling))
+        if "relay" in self.systems:  # the floor of any aiohttp-based gateway on this machine
+            results.append(await self._search(self.systems["relay"], p.s4_start, ceiling))
         results.append(await self._search(self.systems["gw-spec"], p.s4_start, ceiling))
         self.data["S4"] = results
         by = {r["system"]: r for r in results}
@@ -1159,6 +1162,7 @@ class Bench:
                 "other %",
                 "xdirect",
                 "xnginx",
+                "xrelay",
             ],
         )
         for r in results:
@@ -1177,6 +1181,7 @@ class Bench:
                     fmt(at.get("other_cpu_pct")),
                     ratio(r["sustained"], by["direct"]["sustained"]),
                     ratio(r["sustained"], by["nginx"]["sustained"]) if "nginx" in by else "-",
+                    ratio(r["sustained"], by["relay"]["sustained"]) if "relay" in by else "-",
                 ]
             )
         section.notes += [
@@ -1187,9 +1192,9 @@ class Bench:
             "completes and no judged frame is later than the budget. Search: double from the "
             "start, then bisect to ~8 %.",
             "direct is the harness's own ceiling (one core emulating the upstream and reading "
-            "the streams); nginx and the gateway are searched up to it, and ≥ marks a system "
-            "that was still passing there (harness-bound; or the search cap when direct is "
-            "marked ≥ too).",
+            "the streams); nginx, the naive relay and the gateway are searched up to it, and ≥ "
+            "marks a system that was still passing there (harness-bound; or the search cap when "
+            "direct is marked ≥ too).",
         ]
         for r in results:
             trail = ", ".join(
