@@ -97,6 +97,21 @@ class SSEDecoder:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         buf = self._buf
+        if (
+            raw
+            and not buf
+            and self._bom_checked
+            and not self._data
+            and self._event is None
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and chunk.find(b"\r") < 0
+            and len(chunk) <= self._max_event_bytes
+        ):
+            # A paced stream's usual read: exactly one whole one-line `data:` event.
+            out.append(chunk[6:-2])
+            return out
         buf += chunk
         if not self._bom_checked:
             if len(buf) < len(_BOM) and _BOM.startswith(bytes(buf)):
