@@ -7,6 +7,7 @@ that is only sound if a timed-out read leaves the body exactly where it was.
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -79,6 +80,19 @@ async def test_a_broken_body_is_a_stream_error(fault_upstream: FaultUpstream) ->
         assert await anext(body) == events[0]
         with pytest.raises(UpstreamStreamError):
             await anext(body)
+        assert not client._open
+    finally:
+        await client.close()
+
+
+async def test_a_dropped_body_does_not_stay_open(fault_upstream: FaultUpstream) -> None:
+    fault_upstream.queue((Head(), Sleep(5), *[Send(e) for e in text_events(["a"])]))
+    client = UpstreamClient.create(make_config(fault_upstream.url))
+    try:
+        reply = await client(_exchange())
+        assert client._open
+        del reply
+        gc.collect()
         assert not client._open
     finally:
         await client.close()

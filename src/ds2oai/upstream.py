@@ -11,6 +11,7 @@ how a client disconnect stops the upstream generating tokens nobody will read.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -295,6 +296,12 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         if isinstance(val, BaseException):
             raise val
         raise typ
+
+    def __del__(self) -> None:
+        # A body some stage dropped without closing: do what closing it would have done (at
+        # interpreter exit the loop may be gone; nothing is left to protect then).
+        with contextlib.suppress(Exception):
+            self._end(complete=False)
 
     def _end(self, *, complete: bool) -> None:
         if self._done:
