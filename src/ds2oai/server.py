@@ -247,6 +247,8 @@ class _StreamedReply(web.StreamResponse):
     """A `StreamResponse` that keeps its status line and headers until the first body write,
     as aiohttp does for a plain `Response`: the sink prepares with the first bytes already in
     hand, so head and first event leave in one write (one syscall, one packet) instead of two.
+    The switch is aiohttp's class attribute (3.12+, not public API): should it go away, the
+    head simply leaves on its own again.
     """
 
     _send_headers_immediately = False
