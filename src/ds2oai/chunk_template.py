@@ -90,15 +90,14 @@ class TextTemplate:
     def match(self, payload: bytes) -> bytes | None:
         """The text of `payload` as a JSON string literal when it fits the template."""
         if payload.startswith(self.prefix) and payload.endswith(self.suffix):
-            # Were prefix and suffix to overlap, the slice is too short to be a literal.
-            literal = payload[self._start : self._stop]
-            if _LITERAL.fullmatch(literal) is not None and _utf8(literal):
-                return literal
+            found = self.literals([payload])
+            return found[0] if found is not None else None
         return None
 
     def literals(self, payloads: list[bytes]) -> list[bytes] | None:
         """The texts of payloads that all start with `prefix` and end with `suffix`, when every
-        one is a valid literal (checked together); None when any is not."""
+        one is a valid literal (checked together); None when any is not. Were prefix and suffix
+        to overlap in a payload, its slice is too short to be a literal."""
         start, stop = self._start, self._stop
         literals = [payload[start:stop] for payload in payloads]
         joined = b"\n".join(literals)

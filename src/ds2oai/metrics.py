@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -124,9 +124,7 @@ def _child(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> obje
 def child(metric: _Metric, *labels: str) -> _Metric:
     """`metric.labels(*labels)`, looked up once per label set (prometheus-client takes a lock
     and builds the key on every call). Label values must come from bounded sets."""
-    found = _child(metric, labels)
-    assert isinstance(found, type(metric))
-    return found
+    return cast(_Metric, _child(metric, labels))
 
 
 def render() -> bytes:

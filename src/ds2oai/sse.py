@@ -128,24 +128,15 @@ class SSEDecoder:
             data = bytes(buf)
             blocks = _BLANK_LINE.split(data)
             tail = blocks.pop()
-            limit = self._max_event_bytes
-            if raw and len(data) <= limit and data.count(b"\n") == 2 * len(blocks):
+            if raw and len(data) <= self._max_event_bytes and data.count(b"\n") == 2 * len(blocks):
                 # Every LF is part of a separator, so every event is one line: when they are all
                 # `data:` lines, one pass takes their payloads.
                 payloads = [block[6:] for block in blocks if block[:6] == b"data: "]
                 if len(payloads) == len(blocks):
                     out += payloads
                     blocks = []
-            if raw:
-                for block in blocks:
-                    # `_block`'s first case, inline: the one-line `data:` event is the hot path.
-                    if block[:6] == b"data: " and len(block) <= limit and block.find(b"\n") < 0:
-                        out.append(block[6:])
-                    else:
-                        self._block(block, out, raw)
-            else:
-                for block in blocks:
-                    self._block(block, out, raw)
+            for block in blocks:  # what the one pass above did not take (mixed reads)
+                self._block(block, out, raw)
             buf[:] = tail
             self._scan = 0
             if len(tail) <= _FAST_TAIL and tail.find(b"\n") < 0:
