@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from ds2oai.chain import Exchange
 from ds2oai.config import Config, Secret, config_from_mapping
 from ds2oai.server import create_app
 from tests.fault_upstream import FaultUpstream
@@ -81,6 +82,20 @@ def mock_upstream_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def make_exchange(**changes: Any) -> Exchange:
+    """A streamed spec-dialect exchange for the default model; `changes` replace fields."""
+    exchange = Exchange(
+        request_id="req-1",
+        route="spec",
+        dialect="spec",
+        stream=True,
+        exposed_model="deepseek-chat",
+        client_body={},
+        upstream_body={"model": "deepseek-chat", "messages": [], "stream": True},
+    )
+    return dataclasses.replace(exchange, **changes)
 
 
 def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:

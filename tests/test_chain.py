@@ -19,19 +19,11 @@ from ds2oai.config import Config, RetryConfig, config_from_mapping
 from ds2oai.errors import ClientError, ConfigError, UpstreamConnectError, UpstreamTimeoutError
 from ds2oai.middleware import BUILTINS, BearerAuth, RateLimitTranslator, Reframe, Retry
 from ds2oai.middleware.auth import key_id
+from tests import conftest
 
 
 def make_exchange(headers: dict[str, str] | None = None) -> Exchange:
-    return Exchange(
-        request_id="req-1",
-        route="spec",
-        dialect="spec",
-        stream=True,
-        exposed_model="deepseek-chat",
-        client_body={},
-        upstream_body={"model": "deepseek-chat", "messages": [], "stream": True},
-        client_headers=headers or {},
-    )
+    return conftest.make_exchange(client_headers=headers or {})
 
 
 async def make_body(*parts: bytes) -> Body:

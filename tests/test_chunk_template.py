@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds2oai.chain import Exchange, Trace
 from ds2oai.chunk_template import TextTemplate
 from ds2oai.dialects.base import ChunkDialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.event_reader import EventReader
 from ds2oai.events import Chunk, EndOfBody, TextDelta, UpstreamEvent, parse_upstream_event
+from tests.conftest import make_exchange
 
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
 
@@ -95,21 +95,8 @@ def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:
     assert TextTemplate.learn(raw, chunk) is None
 
 
-def _exchange() -> Exchange:
-    return Exchange(
-        request_id="r",
-        route="/v1/chat/completions",
-        dialect="spec",
-        stream=True,
-        exposed_model="gpt",
-        client_body={},
-        upstream_body={},
-        trace=Trace(),
-    )
-
-
 def _client_bytes(dialect: ChunkDialect, pieces: list[bytes], templates: bool) -> bytes:
-    reader = EventReader(_exchange(), (), templates=templates)
+    reader = EventReader(make_exchange(), (), templates=templates)
     events: list[UpstreamEvent] = []
     for piece in pieces:
         events.extend(reader.read(piece))
@@ -177,7 +164,7 @@ def _decoded(stream: bytes) -> list[Any]:
 
 def test_the_common_stream_takes_the_byte_path() -> None:
     body = b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(20))
-    reader = EventReader(_exchange(), (), templates=True)
+    reader = EventReader(make_exchange(), (), templates=True)
     events = reader.read(body)
     assert [type(e) for e in events] == [Chunk, TextDelta]
     delta = events[1]

@@ -7,7 +7,6 @@ Redis tests use a real `redis-server` (`tests/redis_server.py`), started once fo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from ds2oai.limits.redis import RedisLimiter
 from ds2oai.middleware import BUILTINS, BearerAuth, KeyLimits
 from ds2oai.middleware.auth import key_id
 from ds2oai.middleware.limits import ANONYMOUS, openai_duration
+from tests import conftest
 from tests.conftest import GatewayFactory
 from tests.fault_upstream import Close, FaultUpstream, Hang, Reset, sse_script, text_events
 from tests.redis_server import RedisServer, free_port
@@ -47,17 +47,9 @@ class Clock:
 
 
 def make_exchange(key: str | None = None, **changes: Any) -> Exchange:
-    exchange = Exchange(
-        request_id=uuid.uuid4().hex,
-        route="spec",
-        dialect="spec",
-        stream=True,
-        exposed_model="deepseek-chat",
-        client_body={},
-        upstream_body={"model": "deepseek-chat", "messages": [], "stream": True},
-        trace=Trace(client_key_id=key),
+    return conftest.make_exchange(
+        request_id=uuid.uuid4().hex, trace=Trace(client_key_id=key), **changes
     )
-    return dataclasses.replace(exchange, **changes)
 
 
 class Upstream:

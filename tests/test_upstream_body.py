@@ -11,24 +11,10 @@ import gc
 
 import pytest
 
-from ds2oai.chain import Exchange, Trace
 from ds2oai.errors import UpstreamStreamError
 from ds2oai.upstream import UpstreamBody, UpstreamClient
-from tests.conftest import make_config
+from tests.conftest import make_config, make_exchange
 from tests.fault_upstream import Close, FaultUpstream, Head, Send, Sleep, text_events
-
-
-def _exchange() -> Exchange:
-    return Exchange(
-        request_id="r",
-        route="spec",
-        dialect="spec",
-        stream=True,
-        exposed_model="m",
-        client_body={},
-        upstream_body={"model": "deepseek-chat", "messages": [], "stream": True},
-        trace=Trace(),
-    )
 
 
 async def test_a_timed_out_read_loses_nothing(fault_upstream: FaultUpstream) -> None:
@@ -36,7 +22,7 @@ async def test_a_timed_out_read_loses_nothing(fault_upstream: FaultUpstream) -> 
     fault_upstream.queue((Head(), Sleep(0.4), *[Send(e) for e in events]))
     client = UpstreamClient.create(make_config(fault_upstream.url))
     try:
-        reply = await client(_exchange())
+        reply = await client(make_exchange())
         body = reply.body
         assert isinstance(body, UpstreamBody)
         for _ in range(3):  # three reads cut short while the upstream is silent
@@ -57,7 +43,7 @@ async def test_aclose_mid_body_drops_the_connection(fault_upstream: FaultUpstrea
     fault_upstream.queue((Head(), Send(events[0]), Sleep(5), *[Send(e) for e in events[1:]]))
     client = UpstreamClient.create(make_config(fault_upstream.url))
     try:
-        reply = await client(_exchange())
+        reply = await client(make_exchange())
         body = reply.body
         assert isinstance(body, UpstreamBody)
         assert await anext(body) == events[0]
@@ -74,7 +60,7 @@ async def test_a_broken_body_is_a_stream_error(fault_upstream: FaultUpstream) ->
     fault_upstream.queue((Head(), Send(events[0]), Close()))
     client = UpstreamClient.create(make_config(fault_upstream.url))
     try:
-        reply = await client(_exchange())
+        reply = await client(make_exchange())
         body = reply.body
         assert isinstance(body, UpstreamBody)
         assert await anext(body) == events[0]
@@ -89,7 +75,7 @@ async def test_a_dropped_body_does_not_stay_open(fault_upstream: FaultUpstream) 
     fault_upstream.queue((Head(), Sleep(5), *[Send(e) for e in text_events(["a"])]))
     client = UpstreamClient.create(make_config(fault_upstream.url))
     try:
-        reply = await client(_exchange())
+        reply = await client(make_exchange())
         assert client._open
         del reply
         gc.collect()
