@@ -18,7 +18,7 @@ from types import TracebackType
 
 import aiohttp
 
-from ds2oai import jsonutil
+from ds2oai import client_protocol, jsonutil
 from ds2oai.balancer import CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
@@ -107,7 +107,7 @@ class UpstreamClient:
     @classmethod
     def create(cls, config: Config) -> UpstreamClient:
         upstream = config.upstream
-        connector = aiohttp.TCPConnector(
+        connector = client_protocol.connector(
             limit=upstream.max_connections,
             limit_per_host=0,
             keepalive_timeout=30.0,
