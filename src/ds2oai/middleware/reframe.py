@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -80,6 +81,8 @@ CollectorFactory = Callable[[Exchange], Collector]
 
 def _include_usage(body: Mapping[str, Any]) -> bool:
     options = body.get("stream_options")
+    if options is None:  # the usual case; an ABC isinstance is slow even when it fails
+        return False
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
@@ -300,9 +303,9 @@ class Reframe:
         started = False  # the dialect produced output: no more keep-alive comments
         pending: asyncio.Task[bytes | None] | None = None
         # The keep-alive clock runs from the last byte the client got: upstream reads that
-        # produce nothing (its own comments) do not reset it.
-        loop = asyncio.get_running_loop()
-        keepalive_at = loop.time() + self._keepalive
+        # produce nothing (its own comments) do not reset it. `time.monotonic()` is the loops'
+        # own clock (asyncio's and libuv's); Python 3.11's get_running_loop() costs a getpid().
+        keepalive_at = time.monotonic() + self._keepalive
         try:
             while True:
                 try:
@@ -319,7 +322,7 @@ class Reframe:
                         else:  # another stage's generator: race it from a helper task
                             if pending is None:
                                 pending = asyncio.ensure_future(_next(body))
-                            wait = max(0.0, keepalive_at - loop.time())
+                            wait = max(0.0, keepalive_at - time.monotonic())
                             done, _ = await asyncio.wait((pending,), timeout=wait)
                             if done:
                                 data, pending = pending.result(), None
@@ -327,7 +330,7 @@ class Reframe:
                                 silent = True
                         if silent:
                             sent = True
-                            keepalive_at = loop.time() + self._keepalive
+                            keepalive_at = time.monotonic() + self._keepalive
                             yield encode_comment()
                             continue
                     else:
