@@ -54,12 +54,20 @@ async def test_silence_is_measured_from_the_last_byte_not_the_first(
     assert sending + 0.4 - 0.05 <= elapsed < sending + 0.4 + 1.5
 
 
-async def test_a_shorter_timeout_on_a_reused_connection_is_armed_at_once() -> None:
-    loop = asyncio.get_running_loop()
+def timed_handler(
+    loop: asyncio.AbstractEventLoop, read_timeout: float
+) -> tuple[client_protocol.ResponseHandler, list[float]]:
+    """A protocol with no connection whose read timeouts are recorded (loop time) in the list."""
     proto = client_protocol.ResponseHandler(loop=loop)
     fired: list[float] = []
     proto._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
-    proto.read_timeout = 30.0
+    proto.read_timeout = read_timeout
+    return proto, fired
+
+
+async def test_a_shorter_timeout_on_a_reused_connection_is_armed_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    proto, fired = timed_handler(loop, 30.0)
     proto.start_timeout()
     proto.read_timeout = 0.05
     started = loop.time()
@@ -72,10 +80,7 @@ async def test_a_shorter_timeout_on_a_reused_connection_is_armed_at_once() -> No
 
 async def test_reads_push_the_deadline_back_without_new_timers() -> None:
     loop = asyncio.get_running_loop()
-    proto = client_protocol.ResponseHandler(loop=loop)
-    fired: list[float] = []
-    proto._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
-    proto.read_timeout = 0.2
+    proto, fired = timed_handler(loop, 0.2)
     started = loop.time()
     proto.start_timeout()
     armed = proto._read_timeout_handle
