@@ -2,12 +2,16 @@
 
 Flow control under a slow client is covered end to end by
 `test_e2e_faults.test_slow_client_backpressures_the_upstream` (it pauses and resumes reading
-many times); these tests pin the lazy `sock_read` timer and that the protocol is installed.
+many times); these tests pin the lazy `sock_read` timer, that the protocol is installed, and
+the one case where aiohttp keeps unparsed input while paused: a compressed body whose small
+compressed chunks inflate past the reader's limit (decompression stops, and must go on when
+the reader resumes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 
 import aiohttp
@@ -15,7 +19,16 @@ import aiohttp
 from ds2oai import client_protocol
 from ds2oai.upstream import UpstreamClient
 from tests.conftest import GatewayFactory, make_config
-from tests.fault_upstream import FaultUpstream, Hang, Head, Send, Sleep, text_events
+from tests.fault_upstream import (
+    SSE_HEADERS,
+    End,
+    FaultUpstream,
+    Hang,
+    Head,
+    Send,
+    Sleep,
+    text_events,
+)
 from tests.sse_client import read_events, spec_text
 
 
@@ -63,6 +76,51 @@ def timed_handler(
     proto._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
     proto.read_timeout = read_timeout
     return proto, fired
+
+
+async def test_a_gzip_stream_arrives_exact(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    tokens = ["Hé", "llo", " wörld", " €", " 😀", "!"]
+    packed = gzip.compress(b"".join(text_events(tokens)))
+    fault_upstream.queue(
+        (Head(headers=(*SSE_HEADERS, ("Content-Encoding", "gzip"))), Send(packed, split=7), End())
+    )
+    server = await gateway(fault_upstream.url)
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "deepseek-chat", "messages": [], "stream": True},
+    ) as resp:
+        got = await read_events(resp)
+    assert spec_text(got) == "".join(tokens)
+    assert got[-1].event == "response.completed"
+
+
+async def test_a_slow_client_of_a_highly_compressed_stream_gets_all_of_it(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # ~32 MiB of events from ~100 KiB on the wire: each compressed chunk inflates past the
+    # reader's high-water mark, so aiohttp pauses mid-decompression and must resume it.
+    token = "y" * 16 * 1024
+    n = 2000
+    packed = gzip.compress(b"".join(text_events([token] * n)))
+    fault_upstream.queue(
+        (
+            Head(headers=(*SSE_HEADERS, ("Content-Encoding", "gzip"))),
+            Send(packed, split=4096),
+            End(),
+        )
+    )
+    server = await gateway(fault_upstream.url)
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "deepseek-chat", "messages": [], "stream": True},
+    ) as resp:
+        await resp.content.readuntil(b"\n\n")  # response.created
+        await asyncio.sleep(0.3)  # the client stalls: the gateway must pause reading
+        got = await read_events(resp)
+    assert spec_text(got) == token * n
+    assert got[-1].event == "response.completed"
 
 
 async def test_a_shorter_timeout_on_a_reused_connection_is_armed_at_once() -> None:
