@@ -1,7 +1,8 @@
 """The upstream connections' protocol: aiohttp's `ResponseHandler`, minus two per-read costs.
 
 Sits under `upstream.UpstreamClient`, which builds its `TCPConnector` with `connector()`. It
-touches only when aiohttp does per-read bookkeeping, never what is read or when it fails:
+changes only how often aiohttp does its per-read bookkeeping, never what is read or when a read
+fails:
 
 - aiohttp 3.14 calls `resume_reading()` for every HTTP chunk a reader takes out of its buffer,
   which re-enters `data_received(b"")` and the transport even when nothing was paused. DeepSeek
