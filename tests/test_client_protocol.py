@@ -11,10 +11,14 @@ the reader resumes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
+import pytest
 
 from ds2oai import client_protocol
 from ds2oai.upstream import UpstreamClient
@@ -145,13 +149,161 @@ async def test_reads_push_the_deadline_back_without_new_timers() -> None:
     for _ in range(100):
         proto._reschedule_timeout()  # what every upstream read does
     assert proto._read_timeout_handle is armed
-    for _ in range(5):  # a read every 0.1 s for 0.5 s
-        await asyncio.sleep(0.1)
+    for _ in range(7):  # a read every 0.07 s for ~0.5 s (not in step with the timeout)
+        await asyncio.sleep(0.07)
         proto._reschedule_timeout()
     last_read = loop.time()
     assert not fired
     await asyncio.sleep(0.5)
     assert len(fired) == 1
-    assert last_read + 0.2 - 0.02 <= fired[0] < last_read + 0.2 + 0.2
+    assert -0.002 <= fired[0] - (last_read + 0.2) < 0.05
     assert fired[0] - started > 0.6
     assert proto._read_timeout_handle is None
+
+
+def test_on_uvloop_the_timer_fires_once_without_spinning() -> None:
+    # uvloop rounds timer delays to whole milliseconds: a timer that wakes a fraction of a
+    # millisecond early must not re-arm itself with zero delays until the clock ticks over.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def arms_until_fired(period: float) -> int:
+        loop = asyncio.get_running_loop()
+        proto, _ = timed_handler(loop, period)
+        fired = asyncio.Event()
+        proto._on_read_timeout = fired.set  # type: ignore[method-assign]
+        arms = 0
+        arm = proto._arm
+
+        def counted(when: float) -> None:
+            nonlocal arms
+            arms += 1
+            arm(when)
+
+        proto._arm = counted  # type: ignore[method-assign]
+        proto.start_timeout()
+        await asyncio.sleep(0.0037)
+        proto._reschedule_timeout()
+        await fired.wait()
+        return arms
+
+    loop = uvloop.new_event_loop()
+    try:
+        for period in (0.1, 0.4):  # at 0.4 s it woke early every time here (~130 re-arms)
+            for _ in range(5):
+                assert loop.run_until_complete(arms_until_fired(period)) <= 3
+    finally:
+        loop.close()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handle: Handler) -> AsyncIterator[str]:
+    """A raw HTTP test server on loopback (yields its base URL); on exit every connection
+    handler still running is cancelled and its connection closed, so nothing outlives the test."""
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handle(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "aiohttp"])
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "close"])
+async def test_a_pause_on_the_chunk_count_then_the_rest_in_one_read(
+    ours: bool, keep_alive: bool
+) -> None:
+    # More small chunks than the reader holds (read_bufsize // 16) pause reading at a chunk's
+    # end; the parser's pause flag outlives that pause, so after the reader resumes, the next
+    # read is parsed only up to its first chunk. When that read holds the whole rest of the
+    # answer (here: 10 chunks and the terminator), it must still come out.
+    first = b"".join(_chunk(b"e%05d\n\n" % i) for i in range(4097))
+    rest = b"".join(_chunk(b"r%02d\n\n" % i) for i in range(10)) + b"0\r\n\r\n"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the head on its own: the next read ends where `first` does
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(rest)
+        await writer.drain()
+        if keep_alive:
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # the client's close
+
+    conn = client_protocol.connector() if ours else aiohttp.TCPConnector()
+    timeout = aiohttp.ClientTimeout(total=10, sock_read=2)
+    async with (
+        serving(answer) as url,
+        # 64 KiB: reading pauses after 4096 unread chunks (the default 256 KiB: 16,384)
+        aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=2**16) as session,
+        session.get(url) as resp,
+    ):
+        await asyncio.sleep(0.5)  # a slow reader: both writes have arrived
+        received = b""
+        while data := await resp.content.readany():
+            received += data
+    assert received.count(b"\n\n") == 4097 + 10
+    assert received.endswith(b"r09\n\n")
+
+
+async def test_a_pooled_connection_does_not_time_out_while_idle_and_takes_new_timeouts() -> None:
+    accepted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await writer.drain()
+                if b"slow" in head:
+                    await asyncio.sleep(0.4)
+                writer.write(_chunk(b"ok") + b"0\r\n\r\n")
+                await writer.drain()
+
+    short = aiohttp.ClientTimeout(total=10, sock_read=0.2)
+    async with (
+        serving(serve) as url,
+        aiohttp.ClientSession(connector=client_protocol.connector()) as session,
+    ):
+        async with session.get(url + "/fast", timeout=short) as resp:
+            assert await resp.read() == b"ok"
+        await asyncio.sleep(0.5)  # idle in the pool for longer than sock_read
+        async with session.get(url + "/fast", timeout=short) as resp:
+            assert await resp.read() == b"ok"
+        # The same connection, now with no read timeout: a 0.4 s pause is fine.
+        no_read = aiohttp.ClientTimeout(total=10, sock_read=None)
+        async with session.get(url + "/slow", timeout=no_read) as resp:
+            assert await resp.read() == b"ok"
+        # And with the short one again, the same pause is a timeout.
+        with pytest.raises(aiohttp.ServerTimeoutError):
+            async with session.get(url + "/slow", timeout=short) as resp:
+                await resp.read()
+    assert accepted == 1  # all four on one pooled connection (the timeout then closes it)
