@@ -10,20 +10,20 @@ their docstring.  Observed with aiohttp 3.14 and aiohttp-sse-client 0.2.1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
 from aiohttp_sse_client.client import READY_STATE_CLOSED, EventSource
+
+from tests.loopback import RawServer, chunk
 
 REQUEST_BODY: dict[str, Any] = {
     "model": "deepseek-chat",
@@ -40,11 +40,6 @@ TEST_DEADLINE_S = 5.0
 FAST_RECONNECT = timedelta(milliseconds=10)
 
 
-def chunk(data: bytes) -> bytes:
-    """Frame ``data`` as one HTTP/1.1 chunk."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 @dataclass(frozen=True)
 class SeenRequest:
     method: str
@@ -57,38 +52,19 @@ class SeenRequest:
 Responder = Callable[[int, asyncio.StreamWriter], Awaitable[None]]
 
 
-class Upstream:
+class Upstream(RawServer):
     """A one-response-per-connection HTTP/1.1 server on 127.0.0.1 that records requests."""
 
     def __init__(self, respond: Responder) -> None:
+        super().__init__(self._serve, grace=TEST_DEADLINE_S)
         self._respond = respond
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
         self.requests: list[SeenRequest] = []
-        self.url = ""
 
-    async def __aenter__(self) -> Upstream:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        return self
+    @property
+    def url(self) -> str:
+        return super().url + "/v1/chat/completions"
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        if self._handlers:
-            await asyncio.wait(self._handlers, timeout=TEST_DEADLINE_S)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -105,10 +81,6 @@ class Upstream:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client may hang up first (e.g. after LineTooLong)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 def post_source(url: str, session: aiohttp.ClientSession) -> Any:

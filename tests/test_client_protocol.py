@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import gzip
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
@@ -33,6 +31,7 @@ from tests.fault_upstream import (
     Sleep,
     text_events,
 )
+from tests.loopback import RawServer, chunk
 from tests.sse_client import read_events, spec_text
 
 
@@ -195,41 +194,6 @@ def test_on_uvloop_the_timer_fires_once_without_spinning() -> None:
         loop.close()
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def serving(handle: Handler) -> AsyncIterator[str]:
-    """A raw HTTP test server on loopback (yields its base URL); on exit every connection
-    handler still running is cancelled and its connection closed, so nothing outlives the test."""
-    handlers: set[asyncio.Task[Any]] = set()
-
-    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await handle(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
-
-
 @pytest.mark.parametrize("ours", [True, False], ids=["ours", "aiohttp"])
 @pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "close"])
 async def test_a_pause_on_the_chunk_count_then_the_rest_in_one_read(
@@ -239,8 +203,8 @@ async def test_a_pause_on_the_chunk_count_then_the_rest_in_one_read(
     # end; the parser's pause flag outlives that pause, so after the reader resumes, the next
     # read is parsed only up to its first chunk. When that read holds the whole rest of the
     # answer (here: 10 chunks and the terminator), it must still come out.
-    first = b"".join(_chunk(b"e%05d\n\n" % i) for i in range(4097))
-    rest = b"".join(_chunk(b"r%02d\n\n" % i) for i in range(10)) + b"0\r\n\r\n"
+    first = b"".join(chunk(b"e%05d\n\n" % i) for i in range(4097))
+    rest = b"".join(chunk(b"r%02d\n\n" % i) for i in range(10)) + b"0\r\n\r\n"
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -259,10 +223,10 @@ async def test_a_pause_on_the_chunk_count_then_the_rest_in_one_read(
     conn = client_protocol.connector() if ours else aiohttp.TCPConnector()
     timeout = aiohttp.ClientTimeout(total=10, sock_read=2)
     async with (
-        serving(answer) as url,
+        RawServer(answer) as server,
         # 64 KiB: reading pauses after 4096 unread chunks (the default 256 KiB: 16,384)
         aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=2**16) as session,
-        session.get(url) as resp,
+        session.get(server.url) as resp,
     ):
         await asyncio.sleep(0.5)  # a slow reader: both writes have arrived
         received = b""
@@ -285,25 +249,25 @@ async def test_a_pooled_connection_does_not_time_out_while_idle_and_takes_new_ti
                 await writer.drain()
                 if b"slow" in head:
                     await asyncio.sleep(0.4)
-                writer.write(_chunk(b"ok") + b"0\r\n\r\n")
+                writer.write(chunk(b"ok") + b"0\r\n\r\n")
                 await writer.drain()
 
     short = aiohttp.ClientTimeout(total=10, sock_read=0.2)
     async with (
-        serving(serve) as url,
+        RawServer(serve) as server,
         aiohttp.ClientSession(connector=client_protocol.connector()) as session,
     ):
-        async with session.get(url + "/fast", timeout=short) as resp:
+        async with session.get(server.url + "/fast", timeout=short) as resp:
             assert await resp.read() == b"ok"
         await asyncio.sleep(0.5)  # idle in the pool for longer than sock_read
-        async with session.get(url + "/fast", timeout=short) as resp:
+        async with session.get(server.url + "/fast", timeout=short) as resp:
             assert await resp.read() == b"ok"
         # The same connection, now with no read timeout: a 0.4 s pause is fine.
         no_read = aiohttp.ClientTimeout(total=10, sock_read=None)
-        async with session.get(url + "/slow", timeout=no_read) as resp:
+        async with session.get(server.url + "/slow", timeout=no_read) as resp:
             assert await resp.read() == b"ok"
         # And with the short one again, the same pause is a timeout.
         with pytest.raises(aiohttp.ServerTimeoutError):
-            async with session.get(url + "/slow", timeout=short) as resp:
+            async with session.get(server.url + "/slow", timeout=short) as resp:
                 await resp.read()
     assert accepted == 1  # all four on one pooled connection (the timeout then closes it)
