@@ -4,9 +4,9 @@ States: WAITING (nothing sent) -> STREAMING (the first chunk went out) -> FINISH
 finish_reason was seen; waiting for `[DONE]` or the end of the body, usage may still come) ->
 ENDED. This class turns every upstream event into one of four hooks — `_chunk`, `_text` (the
 byte-level form of a plain text chunk), `_completed`, `_error` — so a dialect only says how each
-looks on its wire. A stream completes only after a
-finish_reason; once FINISHING, a broken body still completes (the answer is whole, only
-`[DONE]` or a late usage chunk is lost); nothing is emitted after ENDED.
+looks on its wire. A stream completes only after a finish_reason; once FINISHING, a broken body
+still completes (the answer is whole, only `[DONE]` or a late usage chunk is lost); nothing is
+emitted after ENDED.
 """
 
 from __future__ import annotations

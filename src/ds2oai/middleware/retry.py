@@ -74,10 +74,11 @@ class Retry:
         if self._budget is not None:
             self._budget.request()
         while True:
+            # The first attempt goes out as it came: no copy per request.
             current = (
                 exchange
                 if attempt == exchange.attempt
-                else (dataclasses.replace(exchange, attempt=attempt))
+                else dataclasses.replace(exchange, attempt=attempt)
             )
             reply: Reply | None = None
             try:
