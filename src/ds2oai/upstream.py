@@ -1,6 +1,6 @@
-"""The upstream call: the innermost handler of the chain, and the only aiohttp client code.
+"""The upstream call: the innermost handler of the chain, and the only HTTP client code.
 
-`UpstreamClient` owns the process's one pooled `aiohttp.ClientSession`. It POSTs the exchange's
+`UpstreamClient` owns the process's one connection pool (`http1.Pool`). It POSTs the exchange's
 `upstream_body` to `{base_url}/v1/chat/completions` with the gateway's own key, and returns a
 `Reply` whose body is the raw upstream byte stream (`UpstreamBody`, safe to cancel between reads).
 Transport errors are translated into the ds2oai tree here and only here, body iteration
@@ -11,14 +11,13 @@ how a client disconnect stops the upstream generating tokens nobody will read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
-import aiohttp
-
-from ds2oai import client_protocol, jsonutil
+from ds2oai import http1, jsonutil
 from ds2oai.balancer import CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
@@ -83,44 +82,22 @@ class UpstreamClient:
     first byte when the chosen one cannot be reached or answers 5xx/429.
     """
 
-    def __init__(
-        self,
-        config: UpstreamConfig,
-        session: aiohttp.ClientSession,
-        targets: list[Target],
-    ) -> None:
+    def __init__(self, config: UpstreamConfig, pool: http1.Pool, targets: list[Target]) -> None:
         self._config = config
-        self._session = session
+        self._pool = pool
         self._read_timeout = config.read_timeout
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,  # a long stream is not an error; silence is (sock_read)
-            connect=config.connect_timeout,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
+        self._connect_timeout = config.connect_timeout
         self._targets = targets
         # The gateway's own key, for the readiness probe and resume's beta endpoint.
         self._auth = f"Bearer {config.api_key}" if config.api_key else None
-        self._open: set[aiohttp.ClientResponse] = set()
+        self._open: set[http1.Response] = set()
         self._abort_reason: str | None = None
 
     @classmethod
     def create(cls, config: Config) -> UpstreamClient:
         upstream = config.upstream
-        connector = client_protocol.connector(
-            limit=upstream.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=30.0,
-            enable_cleanup_closed=False,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=True,
-            trust_env=False,  # the upstream URL comes from the config, never from proxy env vars
-            raise_for_status=False,
-            skip_auto_headers=("User-Agent",),
-        )
-        return cls(upstream, session, targets_from_config(config))
+        pool = http1.Pool(limit=upstream.max_connections, keepalive=30.0)
+        return cls(upstream, pool, targets_from_config(config))
 
     @property
     def base_url(self) -> str:
@@ -131,18 +108,22 @@ class UpstreamClient:
         return self._targets
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
 
     async def probe(self) -> tuple[bool, str]:
         """(reachable, detail): GET {base_url}/models; any HTTP status counts as reachable."""
         url = self._config.base_url.rstrip("/") + "/models"
-        timeout = aiohttp.ClientTimeout(total=self._config.connect_timeout)
-        headers = {"Authorization": self._auth} if self._auth else {}
+        headers = [("Authorization", self._auth)] if self._auth else []
+        timeout = self._connect_timeout
         try:
-            async with self._session.get(url, headers=headers, timeout=timeout) as response:
-                return True, f"HTTP {response.status}"
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(timeout):
+                response = await self._pool.request(
+                    "GET", url, headers, connect_timeout=timeout, read_timeout=timeout
+                )
+        except (http1.HTTPClientError, OSError, TimeoutError) as exc:
             return False, type(exc).__name__
+        response.close()  # the status is all the probe wants
+        return True, f"HTTP {response.status}"
 
     async def __call__(self, exchange: Exchange) -> Reply:
         if exchange.upstream_url is not None:  # resume: the configured beta endpoint
@@ -192,44 +173,49 @@ class UpstreamClient:
         self, exchange: Exchange, url: str, auth: str | None, models: Mapping[str, str]
     ) -> Reply:
         exchange.trace.attempts += 1
-        headers = {k: v for k, v in exchange.upstream_headers.items() if k.lower() not in _RESERVED}
-        headers["Content-Type"] = "application/json"
-        headers["Accept"] = "text/event-stream"
+        headers = [
+            (k, v) for k, v in exchange.upstream_headers.items() if k.lower() not in _RESERVED
+        ]
+        headers.append(("Content-Type", "application/json"))
+        headers.append(("Accept", "text/event-stream"))
         if auth is not None:
-            headers["Authorization"] = auth  # SECURITY: the gateway's key, never the client's
+            headers.append(("Authorization", auth))  # SECURITY: the gateway's key only
         body = exchange.upstream_body
         model = body.get("model")
         if models and isinstance(model, str) and model in models:
             body = {**body, "model": models[model]}
         try:
-            response = await self._session.post(
+            response = await self._pool.request(
+                "POST",
                 url,
-                data=jsonutil.dumps(body),
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
+                headers,
+                jsonutil.dumps(body),
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
             )
-        except aiohttp.ConnectionTimeoutError:
+        except http1.ConnectTimeout:
             child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError("Timed out connecting to the upstream") from None
-        except (aiohttp.ServerTimeoutError, TimeoutError):
+        except http1.ReadTimeout:
             child(ATTEMPTS, "timeout").inc()
             raise UpstreamTimeoutError(
                 f"The upstream sent no response within {self._read_timeout:g} s"
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except http1.ConnectError as exc:
             child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError(f"Cannot connect to the upstream ({exc.os_error})") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except http1.Disconnected:
             child(ATTEMPTS, "connect_error").inc()
             raise UpstreamConnectError(
-                f"Upstream connection failed before a response ({type(exc).__name__})"
+                "Upstream connection failed before a response (closed or not HTTP)"
             ) from None
         exchange.trace.upstream_statuses.append(response.status)
         child(ATTEMPTS, str(response.status)).inc()
-        reply_headers = {k.lower(): v for k, v in response.headers.items()}
         return Reply(
-            response.status, reply_headers, UpstreamBody(self, response), from_upstream=True
+            response.status,
+            response.headers,
+            UpstreamBody(self, response),
+            from_upstream=True,
         )
 
     def abort_all(self, reason: str) -> None:
@@ -243,16 +229,16 @@ class UpstreamClient:
 class UpstreamBody(AsyncGenerator[bytes, None]):
     """One upstream answer's bytes as the chain's `Body`, read as they arrive (no line limit).
 
-    Unlike an `async def` generator, a read may be cancelled without harm: aiohttp keeps the
-    bytes buffered for the next read, and the body stays open. `reframe` relies on that to wait
-    for the first event under a plain timeout (keep-alive comments) without a helper task.
+    Unlike an `async def` generator, a read may be cancelled without harm: the connection keeps
+    the bytes buffered for the next read, and the body stays open. `reframe` relies on that to
+    wait for the first event under a plain timeout (keep-alive comments) without a helper task.
     Ends by releasing the connection to the pool after a complete body; any other end (error,
     `aclose()` early, `abort_all`) closes the TCP connection, so the upstream stops generating.
     """
 
     __slots__ = ("_client", "_done", "_response")
 
-    def __init__(self, client: UpstreamClient, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, client: UpstreamClient, response: http1.Response) -> None:
         self._client = client
         self._response = response
         self._done = False
@@ -267,21 +253,18 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
             raise StopAsyncIteration
         client = self._client
         try:
-            data = await self._response.content.readany()
-        except (aiohttp.ServerTimeoutError, TimeoutError):
+            data = await self._response.read()
+        except http1.ReadTimeout:
             self._end(complete=False)
             raise UpstreamStreamError(
                 f"Upstream SSE stream timed out: no data for {client._read_timeout:g} s",
                 timeout=True,
             ) from None
-        except (aiohttp.ClientError, OSError):
+        except (http1.HTTPClientError, OSError):
             self._end(complete=False)
             raise UpstreamStreamError(client._abort_reason or BROKEN_MESSAGE) from None
         if data:
             return data
-        if client._abort_reason is not None:  # cut by abort_all, not an end of the body
-            self._end(complete=False)
-            raise UpstreamStreamError(client._abort_reason)
         self._end(complete=True)
         raise StopAsyncIteration
 

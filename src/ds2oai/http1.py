@@ -1,0 +1,554 @@
+"""The upstream's HTTP/1.1 client: a keep-alive pool of asyncio protocols parsed by httptools.
+
+Used only by `upstream.py`, the chain's innermost handler; it knows nothing of the chain, of
+SSE or of DeepSeek. It sends one request per connection at a time, reads the answer's body as
+it arrives, and hands a connection back to the pool only after a complete answer.
+
+Why not aiohttp's client (the measurements are in docs/decisions.md): per streamed answer it
+built a request object, a response object, a stream reader, timers per read and a resume per
+HTTP chunk; that was most of the gap between the gateway and a byte pipe. This client does the
+few things the upstream call needs and nothing else:
+
+- `connect_timeout` bounds waiting for a pool slot, DNS, TCP and TLS together;
+- `read_timeout` bounds silence: from the request to the head, then between body reads, while
+  somebody waits for bytes (one timer per connection, moved lazily rather than re-created);
+- gzip / deflate bodies are inflated on read, in slices, so a small body cannot inflate into
+  an unbounded buffer; reading from the socket pauses while unread bytes pile up;
+- a connection goes back to the pool only after a complete answer the server let live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = [
+    "ConnectError",
+    "ConnectTimeout",
+    "Disconnected",
+    "HTTPClientError",
+    "Pool",
+    "ReadTimeout",
+    "Response",
+]
+
+_HIGH_WATER = 256 * 1024  # unread body bytes that pause reading from the socket
+_INFLATE_SLICE = 64 * 1024  # the most inflated bytes one read returns
+# Timers fire up to a millisecond early on uvloop (it rounds to whole milliseconds).
+_CLOCK_SLACK = 0.001
+_ACCEPT_ENCODING = b"Accept-Encoding: gzip, deflate\r\n"
+
+
+class HTTPClientError(Exception):
+    """Base of this module's errors."""
+
+
+class ConnectError(HTTPClientError):
+    """No connection: DNS, TCP or TLS failed (`os_error` says how)."""
+
+    def __init__(self, os_error: OSError) -> None:
+        super().__init__(str(os_error))
+        self.os_error = os_error
+
+
+class ConnectTimeout(HTTPClientError):
+    """No connection (or no free pool slot) within `connect_timeout`."""
+
+
+class ReadTimeout(HTTPClientError):
+    """The server said nothing for `read_timeout` while an answer was awaited."""
+
+
+class Disconnected(HTTPClientError):
+    """The connection ended or broke before the answer did (or spoke something not HTTP)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    key: tuple[str, str, int]  # scheme, host, port: what a pooled connection is good for
+    host: str
+    port: int
+    tls: bool
+    target: bytes  # path and query, as sent in the request line
+    host_header: bytes
+
+
+@lru_cache(maxsize=64)
+def _origin(url: str) -> _Origin:
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        shown = f"{shown}:{port}"
+    return _Origin(
+        (parts.scheme, host, port), host, port, tls, target.encode("ascii"), shown.encode("idna")
+    )
+
+
+def _head(
+    method: bytes, origin: _Origin, headers: Iterable[tuple[str, str]], length: int | None
+) -> bytes:
+    lines = [method, b" ", origin.target, b" HTTP/1.1\r\nHost: ", origin.host_header, b"\r\n"]
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value or ":" in name:
+            raise ValueError(f"invalid header {name!r}")
+        lines.append(f"{name}: {value}\r\n".encode())
+    lines.append(_ACCEPT_ENCODING)
+    if length is not None:
+        lines.append(b"Content-Length: %d\r\n" % length)
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection and the answer currently read from it."""
+
+    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+        self._pool = pool
+        self._loop = pool._loop
+        self.key = key
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset(None)
+
+    def _reset(self, read_timeout: float | None) -> None:
+        self._parser: httptools.HttpResponseParser | None = None
+        self._read_timeout = read_timeout
+        self._status = 0
+        self._headers: dict[str, str] = {}
+        self._head_done = False
+        self._delimited = False  # Content-Length or chunked: EOF before the end is an error
+        self._keep_alive = False
+        self._complete = False
+        self._error: HTTPClientError | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # nothing asked: a server talking out of turn is not reusable
+            self.close()
+            return
+        self._last_data = self._loop.time()
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self._complete:
+                self._fail(Disconnected(f"invalid HTTP from the upstream ({exc})"))
+            self._keep_alive = False
+            self._close_transport()
+            return
+        if self._size > _HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        if self._waiter is not None and (self._parts or self._complete or self._head_done):
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost decides what the EOF meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        if self._parser is not None and not self._complete and self._error is None:
+            if self._head_done and not self._delimited:
+                self._complete = True  # a body delimited by the end of the connection
+                self._keep_alive = False
+            else:
+                reason = f": {exc}" if exc is not None else ""
+                self._error = Disconnected(f"the upstream closed the connection{reason}")
+        self._cancel_timer()
+        self._wake()
+        self._pool._lost(self)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    # After a complete answer the parser would read anything further as a second answer:
+    # such a server is not trusted with another request, and the first answer stays as it was.
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._complete:
+            self._keep_alive = False
+            return
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        if self._complete:
+            self._keep_alive = False
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer; the real one follows
+            self._headers = {}
+            return
+        self._status = status
+        self._head_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        headers = self._headers
+        self._delimited = "content-length" in headers or "transfer-encoding" in headers
+
+    def on_body(self, body: bytes) -> None:
+        if self._complete:
+            self._keep_alive = False
+            return
+        self._parts.append(body)
+        self._size += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_done:
+            self._complete = True
+
+    # -- used by Pool and Response ----------------------------------------------------------
+
+    def send(self, data: bytes, read_timeout: float | None) -> None:
+        self._reset(read_timeout)
+        self._parser = httptools.HttpResponseParser(self)
+        self._last_data = self._loop.time()  # the head's wait counts from the request
+        assert self._transport is not None
+        self._transport.write(data)
+
+    async def head(self) -> tuple[int, dict[str, str]]:
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return self._status, self._headers
+
+    async def read(self) -> bytes:
+        """Body bytes as they arrived (possibly several network reads'); b"" at the end."""
+        while True:
+            parts = self._parts
+            if parts:
+                self._parts = []
+                self._size = 0
+                if self._paused and self._transport is not None:
+                    self._paused = False
+                    # Silence is counted from now: the server could not send while paused.
+                    self._last_data = self._loop.time()
+                    self._transport.resume_reading()
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            await self._wait()
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._keep_alive and not self.closed and not self._parts
+
+    def park(self) -> None:
+        """Between answers: no timer, no parser, nothing buffered."""
+        self._cancel_timer()
+        self._parser = None
+
+    def close(self) -> None:
+        if self._error is None and not self._complete:
+            self._error = Disconnected("the connection was closed")
+        self._keep_alive = False
+        self._close_transport()
+        self._wake()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _close_transport(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _fail(self, error: HTTPClientError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wait(self) -> asyncio.Future[None]:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if self._read_timeout is not None and self._timer is None:
+            self._timer = self._loop.call_at(self._last_data + self._read_timeout, self._on_timer)
+        return waiter
+
+    def _on_timer(self) -> None:
+        # Data moves the deadline without touching the timer: when it fires early, it re-arms
+        # for the rest; with nobody waiting it lapses and the next wait arms it again.
+        self._timer = None
+        if self._waiter is None or self._read_timeout is None or self._complete:
+            return
+        deadline = self._last_data + self._read_timeout
+        if self._loop.time() + _CLOCK_SLACK < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._fail(ReadTimeout(f"no data for {self._read_timeout:g} s"))
+        self._keep_alive = False
+        self._close_transport()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Response:
+    """One answer: status, lower-cased headers, and its body through `read()`."""
+
+    __slots__ = ("_conn", "_done", "_inflate", "_pool", "headers", "status")
+
+    def __init__(self, pool: Pool, conn: _Connection, status: int, headers: dict[str, str]) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._done = False
+        self.status = status
+        self.headers = headers
+        encoding = headers.get("content-encoding", "").strip().lower()
+        self._inflate: _Inflater | None = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._inflate = _Inflater(conn, encoding)
+
+    async def read(self) -> bytes:
+        """The next body bytes as they arrive; b"" after the last.
+
+        Raises `ReadTimeout` (silence), `Disconnected` (cut, closed, or undecodable). Safe to
+        cancel: nothing read is lost, the next call returns it.
+        """
+        if self._inflate is not None:
+            return await self._inflate.read()
+        return await self._conn.read()
+
+    def release(self) -> None:
+        """Done with it: back to the pool if the answer was complete, else close."""
+        if not self._done:
+            self._done = True
+            self._pool._release(self._conn)
+
+    def close(self) -> None:
+        """Drop the connection (the server sees it close and stops)."""
+        self._done = True
+        self._conn.close()
+
+
+class _Inflater:
+    """gzip / deflate bodies inflated a slice at a time, as the reader asks for them."""
+
+    __slots__ = ("_conn", "_decoder", "_tail")
+
+    def __init__(self, conn: _Connection, encoding: str) -> None:
+        self._conn = conn
+        # 47: a gzip or zlib header, detected; "deflate" is the zlib format (RFC 9110 8.4.1.2).
+        self._decoder = zlib.decompressobj(47 if encoding != "deflate" else zlib.MAX_WBITS)
+        self._tail = b""
+
+    async def read(self) -> bytes:
+        while True:
+            if not self._tail:
+                data = await self._conn.read()
+                if not data:
+                    if not self._decoder.eof:
+                        try:
+                            rest = self._decoder.flush()
+                        except zlib.error as exc:
+                            raise Disconnected(f"undecodable body ({exc})") from None
+                        if rest:
+                            return rest
+                    return b""
+                self._tail = data
+            try:
+                out = self._decoder.decompress(self._tail, _INFLATE_SLICE)
+            except zlib.error as exc:
+                raise Disconnected(f"undecodable body ({exc})") from None
+            self._tail = self._decoder.unconsumed_tail
+            if self._decoder.eof:
+                self._tail = b""  # bytes after the compressed stream: ignored, as browsers do
+            if out:
+                return out
+
+
+class Pool:
+    """Keep-alive connections per origin, at most `limit` open in all (0: no limit)."""
+
+    def __init__(self, *, limit: int = 0, keepalive: float = 30.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._keepalive = keepalive
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open = 0
+        self._conns: set[_Connection] = set()
+        self._slots: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._ssl: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes | None = None,
+        *,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> Response:
+        """Send a request; return once the answer's head is in (its body is read later)."""
+        if self._closed:
+            raise Disconnected("the client is closed")
+        origin = _origin(url)
+        head = _head(method.encode("ascii"), origin, headers, None if body is None else len(body))
+        conn = self._idle_connection(origin.key)
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        conn.send(head + body if body else head, read_timeout)
+        try:
+            status, reply_headers = await conn.head()
+        except BaseException:
+            conn.close()
+            raise
+        return Response(self, conn, status, reply_headers)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._idle.clear()
+        for conn in list(self._conns):
+            conn.close()
+        await asyncio.sleep(0)  # let the transports call connection_lost
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        expired = self._loop.time() - self._keepalive
+        while idle:
+            conn = idle.pop()  # the most recently used: least likely closed by the server
+            if not conn.closed and conn.idle_since > expired:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, origin: _Origin, within: float | None) -> _Connection:
+        try:
+            async with asyncio.timeout(within):
+                while self._limit and self._open >= self._limit:
+                    self._evict_one_idle()  # another origin's idle connection makes room
+                    slot = self._loop.create_future()
+                    self._slots.append(slot)
+                    try:
+                        await slot
+                    except BaseException:
+                        if slot.done() and not slot.cancelled():
+                            self._free_slot()  # the wake-up was ours: pass it on
+                        raise
+                    conn = self._idle_connection(origin.key)
+                    if conn is not None:
+                        return conn
+                self._open += 1
+                try:
+                    _, conn = await self._loop.create_connection(
+                        lambda: _Connection(self, origin.key),
+                        origin.host,
+                        origin.port,
+                        ssl=self._ssl_context() if origin.tls else None,
+                        server_hostname=origin.host if origin.tls else None,
+                    )
+                except BaseException:
+                    self._open -= 1
+                    self._free_slot()
+                    raise
+                self._conns.add(conn)
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection within {within:g} s") from None
+        except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
+            raise ConnectError(exc) from None
+        return conn
+
+    def _evict_one_idle(self) -> None:
+        oldest: _Connection | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
+                oldest = idle[0]
+        if oldest is not None:
+            self._idle[oldest.key].remove(oldest)
+            oldest.close()  # its connection_lost frees the slot
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _release(self, conn: _Connection) -> None:
+        if self._closed or not conn.reusable:
+            conn.close()
+            return
+        conn.park()
+        conn.idle_since = self._loop.time()
+        self._idle.setdefault(conn.key, []).append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._keepalive, self._sweep)
+        self._free_slot()
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn not in self._conns:
+            return  # never handed out (a connect cut short): _connect did the accounting
+        self._conns.remove(conn)
+        self._open -= 1
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._slots:
+            slot = self._slots.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        expired = self._loop.time() - self._keepalive
+        for idle in self._idle.values():
+            for conn in [c for c in idle if c.idle_since <= expired]:
+                idle.remove(conn)
+                conn.close()
+        if any(self._idle.values()):
+            self._sweeper = self._loop.call_later(self._keepalive, self._sweep)
