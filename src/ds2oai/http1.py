@@ -248,7 +248,9 @@ class _Connection(asyncio.Protocol):
                 self._size = 0
                 if self._paused and self._transport is not None:
                     self._paused = False
-                    # Silence is counted from now: the server could not send while paused.
+                    # Silence counts from now: the server could not send while paused (input
+                    # already waiting is delivered before a due timer on both loops; this is
+                    # for a pause long enough to have drained the server's side too).
                     self._last_data = self._loop.time()
                     self._transport.resume_reading()
                 return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -1,0 +1,548 @@
+"""`http1`: the upstream's HTTP/1.1 client, against raw loopback servers writing their own bytes.
+
+What the gateway relies on: keep-alive reuse only after a complete answer, every way a body can
+end (length, chunked, end of connection) and every way it can break, the two timeouts (connect
+with the pool wait, silence from the last byte), inflating compressed bodies a slice at a
+time, and reading from the socket paused while unread bytes pile up. The last tests drive the
+gateway end to end through the same client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+import zlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import uvloop
+
+from ds2oai import http1
+from tests.conftest import GatewayFactory
+from tests.fault_upstream import (
+    SSE_HEADERS,
+    End,
+    FaultUpstream,
+    Hang,
+    Head,
+    Send,
+    Sleep,
+    text_events,
+)
+from tests.loopback import RawServer, chunk
+from tests.sse_client import read_events, spec_text
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+
+OK_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def read_request(reader: Reader) -> bytes:
+    """One request's head and body (by Content-Length), or b"" when the client closed."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+def answering(*answers: bytes, connections: list[int] | None = None) -> RawServer:
+    """A server answering each request on a connection with the next of `answers` (kept alive)."""
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        if connections is not None:
+            connections.append(1)
+        for answer in answers:
+            if not await read_request(reader):
+                return
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()  # until the client closes
+
+    return RawServer(handle, grace=0.1)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[http1.Pool]:
+    p = http1.Pool(limit=8, keepalive=30.0)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def read_all(response: http1.Response) -> bytes:
+    parts = []
+    while data := await response.read():
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def test_the_request_is_one_well_formed_http_1_1_message(pool: http1.Pool) -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async with RawServer(handle) as server:
+        response = await pool.request(
+            "POST", server.url + "/v1/chat/completions?x=1", [("X-Trace", "t1")], b'{"a":1}'
+        )
+        assert response.status == 204
+        assert await response.read() == b""
+        response.release()
+    head, body = seen[0].split(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions?x=1 HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}".encode() in lines
+    assert b"X-Trace: t1" in lines
+    assert b"Content-Length: 7" in lines
+    assert b"Accept-Encoding: gzip, deflate" in lines
+    assert body == b'{"a":1}'
+
+
+async def test_a_header_with_a_line_break_is_refused_before_sending(pool: http1.Pool) -> None:
+    with pytest.raises(ValueError, match="invalid header"):
+        await pool.request("GET", "http://127.0.0.1:9/", [("X-A", "1\r\nX-Injected: 2")])
+
+
+async def test_complete_answers_reuse_one_connection(pool: http1.Pool) -> None:
+    answer = OK_CHUNKED + chunk(b"data: 1\n\n") + b"0\r\n\r\n"
+    connections: list[int] = []
+    async with answering(answer, answer, answer, connections=connections) as server:
+        for _ in range(3):
+            response = await pool.request("POST", server.url + "/", body=b"{}")
+            assert (response.status, await read_all(response)) == (200, b"data: 1\n\n")
+            response.release()
+        assert len(connections) == 1
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
+        OK_CHUNKED + chunk(b"hello") + chunk(b" world") + b"0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_delimited_body_is_read_whole_and_the_connection_kept(
+    pool: http1.Pool, answer: bytes
+) -> None:
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await read_all(response) == b"hello world"
+        response.release()
+        assert pool.idle_connections == 1
+
+
+async def test_a_body_ended_by_the_connection_is_complete_and_not_reused(
+    pool: http1.Pool,
+) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nhello ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await read_all(response) == b"hello world"
+        response.release()
+        await asyncio.sleep(0.01)
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
+        OK_CHUNKED + chunk(b"hello"),  # no terminating chunk
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_body_cut_short_is_disconnected_not_complete(
+    pool: http1.Pool, answer: bytes
+) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(answer)
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await response.read() == b"hello"
+        with pytest.raises(http1.Disconnected):
+            await response.read()
+        response.release()  # not reusable: closed instead
+        await asyncio.sleep(0.01)
+        assert pool.open_connections == 0
+
+
+async def test_connection_close_answers_are_not_pooled(pool: http1.Pool) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await read_all(response) == b"ok"
+        response.release()
+        await asyncio.sleep(0.01)
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+async def test_a_server_closing_an_idle_connection_costs_nothing(pool: http1.Pool) -> None:
+    # A keep-alive answer, then the server closes while the connection sits in the pool.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(answer)
+
+    async with RawServer(handle) as server:
+        for _ in range(2):
+            response = await pool.request("GET", server.url + "/")
+            assert await read_all(response) == b"ok"
+            response.release()
+            await asyncio.sleep(0.05)
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+async def test_interim_answers_are_skipped(pool: http1.Pool) -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert (response.status, await read_all(response)) == (200, b"ok")
+        response.release()
+
+
+async def test_a_reply_that_is_not_http_is_disconnected(pool: http1.Pool) -> None:
+    async with answering(b"SSH-2.0-OpenSSH_9.6\r\n") as server:
+        with pytest.raises(http1.Disconnected):
+            await pool.request("GET", server.url + "/")
+        await asyncio.sleep(0.01)
+        assert pool.open_connections == 0
+
+
+async def test_a_refused_connection_is_a_connect_error(pool: http1.Pool) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+
+    async with RawServer(handle) as server:
+        url = server.url
+    with pytest.raises(http1.ConnectError) as excinfo:
+        await pool.request("GET", url + "/", connect_timeout=2)
+    assert isinstance(excinfo.value.os_error, ConnectionRefusedError)
+    assert pool.open_connections == 0
+
+
+async def test_a_full_pool_waits_for_a_slot_within_the_connect_timeout() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    connections: list[int] = []
+    pool = http1.Pool(limit=1)
+    try:
+        async with answering(answer, answer, connections=connections) as server:
+            first = await pool.request("GET", server.url + "/")
+            started = time.monotonic()
+            with pytest.raises(http1.ConnectTimeout):
+                await pool.request("GET", server.url + "/", connect_timeout=0.2)
+            assert 0.15 <= time.monotonic() - started < 1.0
+            # A waiter gets the connection the moment the first answer releases it.
+            second = asyncio.ensure_future(pool.request("GET", server.url + "/"))
+            await asyncio.sleep(0.05)
+            assert not second.done()
+            assert await read_all(first) == b"ok"
+            first.release()
+            response = await asyncio.wait_for(second, 2)
+            assert await read_all(response) == b"ok"
+            response.release()
+            assert len(connections) == 1
+    finally:
+        await pool.close()
+
+
+async def test_silence_is_counted_from_the_last_byte(pool: http1.Pool) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_CHUNKED)
+        for i in range(4):
+            await asyncio.sleep(0.15)
+            writer.write(chunk(b"%d" % i))
+        await asyncio.sleep(10)
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/", read_timeout=0.3)
+        got = b""
+        with pytest.raises(http1.ReadTimeout):
+            while True:
+                got += await response.read()
+                last = time.monotonic()
+        silent = time.monotonic() - last
+        assert got == b"0123"  # gaps of 0.15 s are not silence
+        assert 0.25 <= silent < 0.6
+        await asyncio.sleep(0.01)
+        assert pool.open_connections == 0  # a timed-out answer is not resumed by anybody
+
+
+async def test_no_head_within_the_read_timeout_is_a_read_timeout(pool: http1.Pool) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async with RawServer(handle) as server:
+        started = time.monotonic()
+        with pytest.raises(http1.ReadTimeout):
+            await pool.request("GET", server.url + "/", read_timeout=0.2)
+        assert 0.15 <= time.monotonic() - started < 1.0
+
+
+async def test_a_reused_connection_takes_the_new_requests_timeout(pool: http1.Pool) -> None:
+    fast = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(fast)
+        await read_request(reader)
+        await asyncio.sleep(10)  # the second request is never answered
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/", read_timeout=30)
+        assert await read_all(response) == b"ok"
+        response.release()
+        await asyncio.sleep(0.3)  # idle in the pool: no timeout runs there
+        started = time.monotonic()
+        with pytest.raises(http1.ReadTimeout):
+            await pool.request("GET", server.url + "/", read_timeout=0.1)
+        assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_bodies_are_inflated_a_slice_at_a_time(
+    pool: http1.Pool, encoding: str
+) -> None:
+    plain = b"".join(b"data: %d\n\n" % i for i in range(200_000))  # ~2.3 MiB
+    packed = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+        % (encoding.encode(), len(packed))
+    ) + packed
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        sizes = []
+        got = b""
+        while data := await response.read():
+            sizes.append(len(data))
+            got += data
+        response.release()
+        assert pool.idle_connections == 1  # a complete answer, even when inflated
+    assert got == plain
+    assert max(sizes) <= 64 * 1024
+
+
+async def test_a_corrupt_compressed_body_is_disconnected(pool: http1.Pool) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!"
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        with pytest.raises(http1.Disconnected):
+            await read_all(response)
+        response.release()
+
+
+async def stall_then_read_a_big_body(pool: http1.Pool) -> None:
+    size = 16 * 1024 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for i in range(0, size, 1 << 20):
+            writer.write(payload[i : i + (1 << 20)])
+            await writer.drain()
+
+    async with RawServer(handle, grace=1.0) as server:
+        response = await pool.request("GET", server.url + "/", read_timeout=0.2)
+        await asyncio.sleep(0.5)  # the reader stalls for longer than the read timeout
+        conn = response._conn
+        assert conn._paused
+        assert conn._size <= 2 * 256 * 1024  # the high-water mark plus one socket read
+        got = await read_all(response)
+        response.release()
+    assert len(got) == size
+    assert got == payload
+
+
+async def test_unread_bytes_pause_the_socket_and_the_pause_is_not_silence(
+    pool: http1.Pool,
+) -> None:
+    await stall_then_read_a_big_body(pool)
+
+
+async def test_closing_mid_body_drops_the_connection(pool: http1.Pool) -> None:
+    server_saw_eof = asyncio.Event()
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_CHUNKED + chunk(b"first"))
+        await reader.read()  # returns at the client's FIN
+        server_saw_eof.set()
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await response.read() == b"first"
+        response.close()
+        await asyncio.wait_for(server_saw_eof.wait(), 2)
+        with pytest.raises(http1.Disconnected):
+            await response.read()
+        assert pool.open_connections == 0
+
+
+async def test_idle_connections_expire_after_the_keepalive() -> None:
+    server_saw_eof = asyncio.Event()
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+        server_saw_eof.set()
+
+    pool = http1.Pool(keepalive=0.2)
+    try:
+        async with RawServer(handle) as server:
+            response = await pool.request("GET", server.url + "/")
+            await read_all(response)
+            response.release()
+            assert pool.idle_connections == 1
+            await asyncio.wait_for(server_saw_eof.wait(), 2)
+            await asyncio.sleep(0.01)
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+    finally:
+        await pool.close()
+
+
+async def test_closing_the_pool_cuts_answers_still_being_read(pool: http1.Pool) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_CHUNKED + chunk(b"first"))
+        await reader.read()
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await response.read() == b"first"
+        await pool.close()
+        with pytest.raises(http1.Disconnected):
+            await response.read()
+        with pytest.raises(http1.Disconnected):
+            await pool.request("GET", server.url + "/")
+
+
+def test_on_uvloop_too() -> None:
+    # uvloop's transports and timers differ from asyncio's (not Transport subclasses, timers
+    # in whole milliseconds); the gateway runs on uvloop.
+    async def scenario() -> None:
+        async def handle(reader: Reader, writer: Writer) -> None:
+            await read_request(reader)
+            writer.write(OK_CHUNKED + chunk(b"a"))
+            await asyncio.sleep(0.1)
+            writer.write(chunk(b"b") + b"0\r\n\r\n")
+            await read_request(reader)
+            writer.write(OK_CHUNKED + chunk(b"c"))
+            await asyncio.sleep(10)
+
+        pool = http1.Pool()
+        try:
+            async with RawServer(handle) as server:
+                response = await pool.request("GET", server.url + "/", read_timeout=0.3)
+                assert await read_all(response) == b"ab"
+                response.release()
+                response = await pool.request("GET", server.url + "/", read_timeout=0.3)
+                assert await response.read() == b"c"
+                started = time.monotonic()
+                with pytest.raises(http1.ReadTimeout):
+                    await response.read()
+                assert 0.2 <= time.monotonic() - started < 0.8
+                response.close()
+            # Pausing and resuming the socket goes through uvloop's own transport, too.
+            await stall_then_read_a_big_body(pool)
+        finally:
+            await pool.close()
+
+    uvloop.run(scenario())
+
+
+# -- through the gateway ----------------------------------------------------------------------
+
+
+async def test_the_gateway_counts_silence_from_the_last_upstream_byte(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    tokens = ["a", "b", "c", "d", "e", "f"]
+    events = text_events(tokens)[:-2]  # no finish, no [DONE]: the upstream then goes silent
+    steps: list[object] = [Head()]
+    for event in events:
+        steps += [Send(event), Sleep(0.15)]
+    fault_upstream.queue((*steps, Hang()))  # type: ignore[arg-type]
+    server = await gateway(fault_upstream.url, upstream={"read_timeout": 0.4})
+    started = time.monotonic()
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "deepseek-chat", "messages": [], "stream": True},
+    ) as resp:
+        got = await read_events(resp)
+    elapsed = time.monotonic() - started
+    assert spec_text(got) == "".join(tokens)
+    assert got[-1].event == "response.error"
+    assert "timed out" in got[-1].json()["message"]
+    sending = 0.15 * (len(events) - 1)
+    assert sending + 0.4 - 0.05 <= elapsed < sending + 0.4 + 1.5
+
+
+async def test_the_gateway_relays_a_gzip_stream_exact(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    tokens = ["Hé", "llo", " wörld", " €", " 😀", "!"]
+    packed = gzip.compress(b"".join(text_events(tokens)))
+    fault_upstream.queue(
+        (Head(headers=(*SSE_HEADERS, ("Content-Encoding", "gzip"))), Send(packed, split=7), End())
+    )
+    server = await gateway(fault_upstream.url)
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "deepseek-chat", "messages": [], "stream": True},
+    ) as resp:
+        got = await read_events(resp)
+    assert spec_text(got) == "".join(tokens)
+    assert got[-1].event == "response.completed"
+
+
+async def test_a_slow_client_of_a_highly_compressed_stream_gets_all_of_it(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # ~32 MiB of events from ~100 KiB on the wire, read by a client that stalls.
+    token = "y" * 16 * 1024
+    n = 2000
+    packed = gzip.compress(b"".join(text_events([token] * n)))
+    fault_upstream.queue(
+        (
+            Head(headers=(*SSE_HEADERS, ("Content-Encoding", "gzip"))),
+            Send(packed, split=4096),
+            End(),
+        )
+    )
+    server = await gateway(fault_upstream.url)
+    async with client.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "deepseek-chat", "messages": [], "stream": True},
+    ) as resp:
+        await resp.content.readuntil(b"\n\n")  # response.created
+        await asyncio.sleep(0.3)
+        got = await read_events(resp)
+    assert spec_text(got) == token * n
+    assert got[-1].event == "response.completed"
