@@ -128,6 +128,37 @@ async def test_complete_answers_reuse_one_connection(pool: http1.Pool) -> None:
         assert (pool.open_connections, pool.idle_connections) == (1, 1)
 
 
+async def test_a_whole_answer_released_unread_is_pooled_and_a_partial_one_closed(
+    pool: http1.Pool,
+) -> None:
+    # A reader stops at `[DONE]`; the chunked terminator came in the same packet.
+    whole = OK_CHUNKED + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    partial = OK_CHUNKED + chunk(b"data: 1\n\n")
+    async with answering(whole, partial) as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        assert await response.read() == b"data: [DONE]\n\n"
+        response.release()
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
+        with pytest.raises(http1.Disconnected):
+            await response.read()  # released: the connection is somebody else's now
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        assert await response.read() == b"data: 1\n\n"
+        response.release()  # the server is still sending: closed
+        await asyncio.sleep(0.01)
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+async def test_close_drops_even_a_whole_answer(pool: http1.Pool) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        response.close()
+        response.close()
+        response.release()
+        await asyncio.sleep(0.01)
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -520,6 +551,25 @@ async def test_the_gateway_relays_a_gzip_stream_exact(
         got = await read_events(resp)
     assert spec_text(got) == "".join(tokens)
     assert got[-1].event == "response.completed"
+
+
+async def test_streams_through_the_gateway_share_one_upstream_connection(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # `[DONE]` and the chunked terminator in one packet, as DeepSeek sends them.
+    answer = OK_CHUNKED + chunk(b"".join(text_events(["a", "b"]))) + b"0\r\n\r\n"
+    connections: list[int] = []
+    async with answering(*[answer] * 5, connections=connections) as upstream:
+        server = await gateway(upstream.url)
+        for _ in range(5):
+            async with client.post(
+                server.make_url("/v1/chat/completions"),
+                json={"model": "deepseek-chat", "messages": [], "stream": True},
+            ) as resp:
+                got = await read_events(resp)
+            assert spec_text(got) == "ab"
+            assert got[-1].event == "response.completed"
+        assert len(connections) == 1
 
 
 async def test_a_slow_client_of_a_highly_compressed_stream_gets_all_of_it(

@@ -262,12 +262,15 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and not self.closed and not self._parts
+        # Unread body bytes do not matter: the answer is whole, its reader is done with it.
+        return self._complete and self._keep_alive and not self.closed
 
     def park(self) -> None:
         """Between answers: no timer, no parser, nothing buffered."""
         self._cancel_timer()
         self._parser = None
+        self._parts = []
+        self._size = 0
 
     def close(self) -> None:
         if self._error is None and not self._complete:
@@ -340,23 +343,31 @@ class Response:
     async def read(self) -> bytes:
         """The next body bytes as they arrive; b"" after the last.
 
-        Raises `ReadTimeout` (silence), `Disconnected` (cut, closed, or undecodable). Safe to
-        cancel: nothing read is lost, the next call returns it.
+        Raises `ReadTimeout` (silence), `Disconnected` (cut, closed, or undecodable; also after
+        `release()` or `close()`). Safe to cancel: nothing read is lost, the next call returns it.
         """
+        if self._done:
+            raise Disconnected("the answer was closed")
         if self._inflate is not None:
             return await self._inflate.read()
         return await self._conn.read()
 
     def release(self) -> None:
-        """Done with it: back to the pool if the answer was complete, else close."""
+        """Done with it: back to the pool if the whole answer is in (read or not), else close.
+
+        DeepSeek sends `[DONE]` and the chunked terminator together, so a reader that stops at
+        `[DONE]` still leaves a reusable connection; if the answer is not whole, the server
+        is still sending, and closing is what stops it.
+        """
         if not self._done:
             self._done = True
             self._pool._release(self._conn)
 
     def close(self) -> None:
-        """Drop the connection (the server sees it close and stops)."""
-        self._done = True
-        self._conn.close()
+        """Drop the connection (the server sees it close and stops), even if reusable."""
+        if not self._done:
+            self._done = True
+            self._conn.close()
 
 
 class _Inflater:

@@ -232,8 +232,9 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
     Unlike an `async def` generator, a read may be cancelled without harm: the connection keeps
     the bytes buffered for the next read, and the body stays open. `reframe` relies on that to
     wait for the first event under a plain timeout (keep-alive comments) without a helper task.
-    Ends by releasing the connection to the pool after a complete body; any other end (error,
-    `aclose()` early, `abort_all`) closes the TCP connection, so the upstream stops generating.
+    Ends by releasing the connection to the pool once the whole answer is in, read or not; any
+    other end (error, `aclose()` mid-answer, `abort_all`) closes the TCP connection, so the
+    upstream stops generating.
     """
 
     __slots__ = ("_client", "_done", "_response")
@@ -255,17 +256,17 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         try:
             data = await self._response.read()
         except http1.ReadTimeout:
-            self._end(complete=False)
+            self._end()
             raise UpstreamStreamError(
                 f"Upstream SSE stream timed out: no data for {client._read_timeout:g} s",
                 timeout=True,
             ) from None
         except (http1.HTTPClientError, OSError):
-            self._end(complete=False)
+            self._end()
             raise UpstreamStreamError(client._abort_reason or BROKEN_MESSAGE) from None
         if data:
             return data
-        self._end(complete=True)
+        self._end()
         raise StopAsyncIteration
 
     async def athrow(
@@ -275,7 +276,7 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         tb: TracebackType | None = None,
     ) -> bytes:
         # `aclose()` throws GeneratorExit in here: stop reading, drop the connection.
-        self._end(complete=False)
+        self._end()
         if isinstance(val, BaseException):
             raise val
         raise typ
@@ -284,17 +285,16 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         # A body some stage dropped without closing: do what closing it would have done (at
         # interpreter exit the loop may be gone; nothing is left to protect then).
         with contextlib.suppress(Exception):
-            self._end(complete=False)
+            self._end()
 
-    def _end(self, *, complete: bool) -> None:
+    def _end(self) -> None:
         if self._done:
             return
         self._done = True
         self._client._open.discard(self._response)
-        if complete:
-            self._response.release()
-        else:
-            self._response.close()
+        # Pooled again if the whole answer is in (a reader may stop at `[DONE]`, before the
+        # chunked terminator it came with); otherwise closed, which stops the upstream.
+        self._response.release()
 
 
 async def read_limited(body: Body | bytes, limit: int = 64 * 1024) -> bytes:
