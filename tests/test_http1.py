@@ -247,6 +247,19 @@ async def test_a_server_closing_an_idle_connection_costs_nothing(pool: http1.Poo
             assert (pool.open_connections, pool.idle_connections) == (0, 0)
 
 
+async def test_bytes_after_a_whole_answer_are_not_read_into_it(pool: http1.Pool) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+    )
+    async with answering(answer) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await read_all(response) == b"ok"
+        response.release()  # a server talking out of turn: not pooled
+        await asyncio.sleep(0.01)
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
 async def test_interim_answers_are_skipped(pool: http1.Pool) -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with answering(answer) as server:

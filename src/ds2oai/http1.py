@@ -23,7 +23,7 @@ import asyncio
 import collections
 import ssl
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import cast
@@ -70,6 +70,10 @@ class ReadTimeout(HTTPClientError):
 
 class Disconnected(HTTPClientError):
     """The connection ended or broke before the answer did (or spoke something not HTTP)."""
+
+
+class _Excess(Exception):
+    """Raised from a parser callback to stop it at bytes beyond a complete answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        # The parser calls on_body once per HTTP chunk (DeepSeek: one per event); binding it
+        # to the list's own append saves a Python call each time. The list lives as long as
+        # the connection and is cleared in place.
+        self._parts: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self._parts.append
         self._reset(None)
 
     def _reset(self, read_timeout: float | None) -> None:
@@ -136,8 +145,8 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._complete = False
         self._error: HTTPClientError | None = None
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._parts.clear()
+        self._size = 0  # bytes received and not yet read (with chunk framing: close enough)
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -155,9 +164,10 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._last_data = self._loop.time()
+        self._size += len(data)
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as exc:  # on_message_begin's _Excess included
             if not self._complete:
                 self._fail(Disconnected(f"invalid HTTP from the upstream ({exc})"))
             self._keep_alive = False
@@ -188,20 +198,17 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
-    # After a complete answer the parser would read anything further as a second answer:
-    # such a server is not trusted with another request, and the first answer stays as it was.
+    def on_message_begin(self) -> None:
+        # Anything after a complete answer would parse as a second one: stop the parser
+        # before it adds to the first answer's body; such a server gets no further request.
+        if self._complete:
+            raise _Excess
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._complete:
-            self._keep_alive = False
-            return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
-        if self._complete:
-            self._keep_alive = False
-            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer; the real one follows
             self._headers = {}
@@ -211,13 +218,6 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         headers = self._headers
         self._delimited = "content-length" in headers or "transfer-encoding" in headers
-
-    def on_body(self, body: bytes) -> None:
-        if self._complete:
-            self._keep_alive = False
-            return
-        self._parts.append(body)
-        self._size += len(body)
 
     def on_message_complete(self) -> None:
         if self._head_done:
@@ -244,7 +244,8 @@ class _Connection(asyncio.Protocol):
         while True:
             parts = self._parts
             if parts:
-                self._parts = []
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
                 self._size = 0
                 if self._paused and self._transport is not None:
                     self._paused = False
@@ -253,7 +254,7 @@ class _Connection(asyncio.Protocol):
                     # for a pause long enough to have drained the server's side too).
                     self._last_data = self._loop.time()
                     self._transport.resume_reading()
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+                return data
             if self._error is not None:
                 raise self._error
             if self._complete:
@@ -269,7 +270,7 @@ class _Connection(asyncio.Protocol):
         """Between answers: no timer, no parser, nothing buffered."""
         self._cancel_timer()
         self._parser = None
-        self._parts = []
+        self._parts.clear()
         self._size = 0
 
     def close(self) -> None:
