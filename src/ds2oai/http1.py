@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import zlib
 from collections.abc import Callable, Iterable
@@ -46,6 +47,8 @@ _INFLATE_SLICE = 64 * 1024  # the most inflated bytes one read returns
 # Timers fire up to a millisecond early on uvloop (it rounds to whole milliseconds).
 _CLOCK_SLACK = 0.001
 _ACCEPT_ENCODING = b"Accept-Encoding: gzip, deflate\r\n"
+# HEAD's answers have no body whatever their headers say; nothing here sends one.
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class HTTPClientError(Exception):
@@ -94,6 +97,8 @@ def _origin(url: str) -> _Origin:
         raise ValueError(f"not an http(s) URL: {url!r}")
     port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not target.isascii() or any(c <= " " or c == "\x7f" for c in target):
+        raise ValueError(f"URL path must be ASCII without spaces: {url!r}")
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
     if parts.port is not None:
@@ -103,13 +108,27 @@ def _origin(url: str) -> _Origin:
     )
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00\r\n]")
+_good_names: set[str] = set()  # names already checked (the same few, request after request)
+
+
 def _head(
-    method: bytes, origin: _Origin, headers: Iterable[tuple[str, str]], length: int | None
+    method: str, origin: _Origin, headers: Iterable[tuple[str, str]], length: int | None
 ) -> bytes:
-    lines = [method, b" ", origin.target, b" HTTP/1.1\r\nHost: ", origin.host_header, b"\r\n"]
+    if method not in _METHODS:
+        raise ValueError(f"unsupported method {method!r}")
+    lines = [method.encode(), b" ", origin.target, b" HTTP/1.1\r\nHost: ", origin.host_header]
+    lines.append(b"\r\n")
     for name, value in headers:
-        if "\r" in name or "\n" in name or "\r" in value or "\n" in value or ":" in name:
-            raise ValueError(f"invalid header {name!r}")
+        if name not in _good_names:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            _good_names.add(name)
+        if _BAD_VALUE.search(value):
+            raise ValueError(f"invalid header value for {name!r}")
+        if name.lower() == "accept-encoding":
+            continue  # what the body may be compressed with is this module's to say
         lines.append(f"{name}: {value}\r\n".encode())
     lines.append(_ACCEPT_ENCODING)
     if length is not None:
@@ -133,6 +152,11 @@ class _Connection(asyncio.Protocol):
         # the connection and is cleared in place.
         self._parts: list[bytes] = []
         self.on_body: Callable[[bytes], None] = self._parts.append
+        # Bytes before the first request is written (an overloaded server's instant 503):
+        # kept for the parser. Later out-of-turn bytes make the connection unusable.
+        self._early: list[bytes] | None = []
+        self._lost_with: Exception | None = None
+        self.uses = 0  # requests sent on it
         self._reset(None)
 
     def _reset(self, read_timeout: float | None) -> None:
@@ -160,8 +184,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:  # nothing asked: a server talking out of turn is not reusable
-            self.close()
+        if parser is None:
+            if self._early is not None:
+                self._early.append(data)
+            else:  # nothing asked: a server talking out of turn is not reusable
+                self.close()
             return
         self._last_data = self._loop.time()
         self._size += len(data)
@@ -185,16 +212,24 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._transport = None
-        if self._parser is not None and not self._complete and self._error is None:
-            if self._head_done and not self._delimited:
-                self._complete = True  # a body delimited by the end of the connection
-                self._keep_alive = False
-            else:
-                reason = f": {exc}" if exc is not None else ""
-                self._error = Disconnected(f"the upstream closed the connection{reason}")
+        self._lost_with = exc
+        if self._parser is not None:
+            self._ended()
         self._cancel_timer()
         self._wake()
         self._pool._lost(self)
+
+    def _ended(self) -> None:
+        """The connection is gone: what that means for the answer being read."""
+        if self._complete or self._error is not None:
+            return
+        exc = self._lost_with
+        if self._head_done and not self._delimited and exc is None:
+            self._complete = True  # a body delimited by the end of the connection (FIN)
+            self._keep_alive = False
+        else:
+            reason = f": {exc}" if exc is not None else ""
+            self._error = Disconnected(f"the upstream closed the connection{reason}")
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -205,6 +240,8 @@ class _Connection(asyncio.Protocol):
             raise _Excess
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # trailers: the head (already handed out) stays as it was
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -227,10 +264,16 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes, read_timeout: float | None) -> None:
         self._reset(read_timeout)
+        self.uses += 1
         self._parser = httptools.HttpResponseParser(self)
         self._last_data = self._loop.time()  # the head's wait counts from the request
-        assert self._transport is not None
-        self._transport.write(data)
+        if self._transport is not None:
+            self._transport.write(data)
+        early, self._early = self._early, None
+        if early:
+            self.data_received(b"".join(early))
+        if self.closed:  # it answered (or not) and closed before the request went out
+            self._ended()
 
     async def head(self) -> tuple[int, dict[str, str]]:
         while not self._head_done:
@@ -260,6 +303,15 @@ class _Connection(asyncio.Protocol):
             if self._complete:
                 return b""
             await self._wait()
+
+    @property
+    def closed_unanswered_after_reuse(self) -> bool:
+        # Not a byte of answer (nothing is read while waiting for the head, so none arrived).
+        return self.uses > 1 and self.closed and self._size == 0 and not self._head_done
+
+    @property
+    def closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
 
     @property
     def reusable(self) -> bool:
@@ -374,12 +426,15 @@ class Response:
 class _Inflater:
     """gzip / deflate bodies inflated a slice at a time, as the reader asks for them."""
 
-    __slots__ = ("_conn", "_decoder", "_tail")
+    __slots__ = ("_conn", "_decoder", "_fed", "_raw_tried", "_tail")
 
     def __init__(self, conn: _Connection, encoding: str) -> None:
         self._conn = conn
-        # 47: a gzip or zlib header, detected; "deflate" is the zlib format (RFC 9110 8.4.1.2).
-        self._decoder = zlib.decompressobj(47 if encoding != "deflate" else zlib.MAX_WBITS)
+        # 47: a gzip or zlib header, detected. "deflate" means the zlib format (RFC 9110
+        # 8.4.1.2); some servers send raw deflate under that name, tried when zlib's fails.
+        self._decoder = zlib.decompressobj(47)
+        self._raw_tried = encoding != "deflate"
+        self._fed = False  # any compressed byte: an empty body (204) inflates to nothing
         self._tail = b""
 
     async def read(self) -> bytes:
@@ -387,22 +442,32 @@ class _Inflater:
             if not self._tail:
                 data = await self._conn.read()
                 if not data:
+                    if not self._fed or self._decoder.eof:
+                        return b""
+                    try:  # output zlib still holds (a slice ended mid-copy)
+                        rest = self._decoder.flush()
+                    except zlib.error as exc:
+                        raise Disconnected(f"undecodable body ({exc})") from None
                     if not self._decoder.eof:
-                        try:
-                            rest = self._decoder.flush()
-                        except zlib.error as exc:
-                            raise Disconnected(f"undecodable body ({exc})") from None
-                        if rest:
-                            return rest
-                    return b""
+                        raise Disconnected("truncated compressed body")
+                    return rest
                 self._tail = data
+            decoder = self._decoder
             try:
-                out = self._decoder.decompress(self._tail, _INFLATE_SLICE)
+                out = decoder.decompress(self._tail, _INFLATE_SLICE)
             except zlib.error as exc:
-                raise Disconnected(f"undecodable body ({exc})") from None
-            self._tail = self._decoder.unconsumed_tail
-            if self._decoder.eof:
-                self._tail = b""  # bytes after the compressed stream: ignored, as browsers do
+                if self._fed or self._raw_tried:
+                    raise Disconnected(f"undecodable body ({exc})") from None
+                self._raw_tried = True
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self._fed = True
+            self._tail = decoder.unconsumed_tail
+            if decoder.eof:
+                rest = decoder.unused_data
+                if rest.strip(b"\0"):  # another gzip member follows (RFC 1952 2.2)
+                    self._decoder = zlib.decompressobj(47)
+                    self._tail = rest
             if out:
                 return out
 
@@ -444,17 +509,26 @@ class Pool:
         if self._closed:
             raise Disconnected("the client is closed")
         origin = _origin(url)
-        head = _head(method.encode("ascii"), origin, headers, None if body is None else len(body))
+        head = _head(method, origin, headers, None if body is None else len(body))
         conn = self._idle_connection(origin.key)
         if conn is None:
             conn = await self._connect(origin, connect_timeout)
-        conn.send(head + body if body else head, read_timeout)
-        try:
-            status, reply_headers = await conn.head()
-        except BaseException:
-            conn.close()
-            raise
-        return Response(self, conn, status, reply_headers)
+        while True:
+            conn.send(head + body if body else head, read_timeout)
+            try:
+                status, reply_headers = await conn.head()
+            except Disconnected:
+                conn.close()
+                if not conn.closed_unanswered_after_reuse:
+                    raise
+                # The server closed its idle end as the request went out (keep-alive timeouts
+                # racing): nothing was answered, so nothing was processed. Once more, fresh.
+                conn = await self._connect(origin, connect_timeout, fresh=True)
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return Response(self, conn, status, reply_headers)
 
     async def close(self) -> None:
         self._closed = True
@@ -463,6 +537,10 @@ class Pool:
         self._idle.clear()
         for conn in list(self._conns):
             conn.close()
+        for slot in self._slots:
+            if not slot.done():
+                slot.set_result(None)  # each waiter then sees the pool closed
+        self._slots.clear()
         await asyncio.sleep(0)  # let the transports call connection_lost
 
     # -- internals --------------------------------------------------------------------------
@@ -474,12 +552,14 @@ class Pool:
         expired = self._loop.time() - self._keepalive
         while idle:
             conn = idle.pop()  # the most recently used: least likely closed by the server
-            if not conn.closed and conn.idle_since > expired:
+            if conn.idle_since > expired and not conn.closing:
                 return conn
             conn.close()
         return None
 
-    async def _connect(self, origin: _Origin, within: float | None) -> _Connection:
+    async def _connect(
+        self, origin: _Origin, within: float | None, *, fresh: bool = False
+    ) -> _Connection:
         try:
             async with asyncio.timeout(within):
                 while self._limit and self._open >= self._limit:
@@ -492,7 +572,9 @@ class Pool:
                         if slot.done() and not slot.cancelled():
                             self._free_slot()  # the wake-up was ours: pass it on
                         raise
-                    conn = self._idle_connection(origin.key)
+                    if self._closed:
+                        raise Disconnected("the client is closed")
+                    conn = None if fresh else self._idle_connection(origin.key)
                     if conn is not None:
                         return conn
                 self._open += 1
@@ -509,8 +591,13 @@ class Pool:
                     self._free_slot()
                     raise
                 self._conns.add(conn)
-        except TimeoutError:
-            raise ConnectTimeout(f"no connection within {within:g} s") from None
+                if self._closed:  # closed while connecting
+                    conn.close()
+                    raise Disconnected("the client is closed")
+        except TimeoutError as exc:
+            if exc.errno is not None:  # the kernel's ETIMEDOUT, not asyncio.timeout's
+                raise ConnectError(exc) from None
+            raise ConnectTimeout(f"no connection within {within} s") from None
         except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
             raise ConnectError(exc) from None
         return conn

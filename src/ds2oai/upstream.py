@@ -29,7 +29,14 @@ __all__ = ["Target", "UpstreamBody", "UpstreamClient", "read_limited", "targets_
 
 # Headers the upstream request never takes from anywhere but this module.
 _RESERVED = frozenset(
-    {"authorization", "host", "content-length", "transfer-encoding", "connection"}
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "accept-encoding",  # http1 decodes only what it asks for
+    }
 )
 
 
