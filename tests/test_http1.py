@@ -10,17 +10,24 @@ gateway end to end through the same client.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import gzip
 import socket
+import ssl
 import struct
 import time
 import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ds2oai import http1
 from tests.conftest import GatewayFactory
@@ -663,6 +670,74 @@ async def test_closing_the_pool_cuts_answers_still_being_read(pool: http1.Pool) 
             await response.read()
         with pytest.raises(http1.Disconnected):
             await pool.request("GET", server.url + "/")
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for the name `localhost` only, and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_https_answers_stream_and_reuse_the_tls_connection(tmp_path: Path) -> None:
+    cert_file, key_file = _self_signed(tmp_path)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert_file, key_file)
+    client_side = ssl.create_default_context(cafile=str(cert_file))
+    accepted: list[int] = []
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        accepted.append(1)
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(OK_CHUNKED + chunk(b"data: 1\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_side)
+    port = server.sockets[0].getsockname()[1]
+    pool = http1.Pool(ssl_context=client_side)
+    try:
+        for _ in range(2):
+            response = await pool.request("POST", f"https://localhost:{port}/v1", body=b"{}")
+            assert await read_all(response) == b"data: 1\n\ndata: [DONE]\n\n"
+            response.release()
+        assert len(accepted) == 1
+        # The name is checked: the same server under an address the certificate lacks.
+        with pytest.raises(http1.ConnectError) as excinfo:
+            await pool.request("GET", f"https://127.0.0.1:{port}/", connect_timeout=2)
+        assert isinstance(excinfo.value.os_error, ssl.SSLCertVerificationError)
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
 
 
 def test_on_uvloop_too() -> None:

@@ -475,7 +475,13 @@ class _Inflater:
 class Pool:
     """Keep-alive connections per origin, at most `limit` open in all (0: no limit)."""
 
-    def __init__(self, *, limit: int = 0, keepalive: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = 0,
+        keepalive: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,  # default: the system's CAs, made on first use
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._limit = limit
         self._keepalive = keepalive
@@ -483,7 +489,7 @@ class Pool:
         self._open = 0
         self._conns: set[_Connection] = set()
         self._slots: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
