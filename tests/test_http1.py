@@ -153,6 +153,29 @@ async def test_a_whole_answer_released_unread_is_pooled_and_a_partial_one_closed
         assert (pool.open_connections, pool.idle_connections) == (0, 0)
 
 
+async def test_ready_says_whether_a_read_would_wait(pool: http1.Pool) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_CHUNKED)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b"0\r\n\r\n")
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert not response.ready  # the head only
+        await asyncio.sleep(0.15)
+        assert response.ready
+        assert await response.read() == b"data: 1\n\n"
+        assert not response.ready
+        assert await response.read() == b""
+        response.release()
+        assert not response.ready
+
+
 async def test_close_drops_even_a_whole_answer(pool: http1.Pool) -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with answering(answer) as server:

@@ -393,6 +393,12 @@ class Response:
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._inflate = _Inflater(conn, encoding)
 
+    @property
+    def ready(self) -> bool:
+        """Whether `read()` has bytes to return at once (plain bodies; a compressed one says
+        False, as it may inflate to nothing yet)."""
+        return not self._done and self._inflate is None and bool(self._conn._parts)
+
     async def read(self) -> bytes:
         """The next body bytes as they arrive; b"" after the last.
 

@@ -129,7 +129,7 @@ class UpstreamClient:
                 )
         except (http1.HTTPClientError, OSError, TimeoutError) as exc:
             return False, type(exc).__name__
-        response.close()  # the status is all the probe wants
+        response.release()  # the status is all the probe wants (pooled if the body is in)
         return True, f"HTTP {response.status}"
 
     async def __call__(self, exchange: Exchange) -> Reply:
@@ -251,6 +251,10 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         self._response = response
         self._done = False
         client._open.add(response)
+
+    def ready(self) -> bool:
+        """Bytes are in: the next read returns without waiting."""
+        return self._response.ready
 
     async def asend(self, value: None) -> bytes:
         return await self.__anext__()

@@ -312,7 +312,9 @@ class Reframe:
                     if not started and self._keepalive > 0:
                         silent = False  # nothing came before the keep-alive deadline
                         data = None
-                        if type(body) is UpstreamBody:
+                        if type(body) is UpstreamBody and body.ready():
+                            data = await anext(body, None)  # in already: no timer needed
+                        elif type(body) is UpstreamBody:
                             # A cancelled read loses nothing here: a plain timeout will do.
                             try:
                                 async with asyncio.timeout_at(keepalive_at):
