@@ -184,6 +184,41 @@ async def test_ready_says_whether_a_read_would_wait(pool: http1.Pool) -> None:
         assert not response.ready
 
 
+async def test_a_big_answer_left_unread_does_not_leave_its_connection_paused(
+    pool: http1.Pool,
+) -> None:
+    # An error body is read only in part, yet whole: the connection is pooled, and the pause
+    # its unread bytes caused must not outlive it. The answer's last byte is the one that
+    # crosses the high-water mark, so it arrives whole and paused.
+    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %07d\r\n\r\n"
+    length = http1._HIGH_WATER + 1 - len(head % 0)
+    big = head % length + b"x" * length
+    small = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(big)
+        await writer.drain()
+        await read_request(reader)
+        writer.write(small)
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        for _ in range(100):
+            if response._conn._complete:
+                break
+            await asyncio.sleep(0.01)
+        assert response._conn._complete
+        assert response._conn._paused
+        response.release()
+        assert pool.idle_connections == 1
+        response = await pool.request("GET", server.url + "/", read_timeout=2)
+        assert (response.status, await read_all(response)) == (200, b"ok")
+        response.release()
+
+
 async def test_close_drops_even_a_whole_answer(pool: http1.Pool) -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with answering(answer) as server:

@@ -124,7 +124,8 @@ def _head(
         if name not in _good_names:
             if not _TOKEN.fullmatch(name):
                 raise ValueError(f"invalid header name {name!r}")
-            _good_names.add(name)
+            if len(_good_names) < 256:  # a middleware may invent names: stay bounded
+                _good_names.add(name)
         if _BAD_VALUE.search(value):
             raise ValueError(f"invalid header value for {name!r}")
         if name.lower() == "accept-encoding":
@@ -319,11 +320,15 @@ class _Connection(asyncio.Protocol):
         return self._complete and self._keep_alive and not self.closed
 
     def park(self) -> None:
-        """Between answers: no timer, no parser, nothing buffered."""
+        """Between answers: no timer, no parser, nothing buffered, reading on."""
         self._cancel_timer()
         self._parser = None
         self._parts.clear()
         self._size = 0
+        if self._paused:  # a whole answer left mostly unread had paused the socket
+            self._paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
 
     def close(self) -> None:
         if self._error is None and not self._complete:
