@@ -264,7 +264,8 @@ class _Connection(asyncio.Protocol):
     # -- used by Pool and Response ----------------------------------------------------------
 
     def send(self, data: bytes, read_timeout: float | None) -> None:
-        self._reset(read_timeout)
+        self._cancel_timer()  # none should be left (park cancels it), but a stray one would
+        self._reset(read_timeout)  # fire into this answer's state
         self.uses += 1
         self._parser = httptools.HttpResponseParser(self)
         self._last_data = self._loop.time()  # the head's wait counts from the request
