@@ -12,7 +12,7 @@ import aiohttp
 from ds2oai.config import config_from_mapping
 from ds2oai.server import create_app
 from tests.conftest import free_port
-from tests.fault_upstream import FaultUpstream, json_response
+from tests.fault_upstream import FaultUpstream, Hang, json_response
 from tests.sse_client import parse_events, spec_text
 
 PAYLOAD = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -107,6 +107,49 @@ async def test_half_open_probe_closes_the_breaker_when_the_upstream_recovers(
         await run(server, 10)
         # the half-open probe succeeded, so the heavy upstream takes traffic again
         assert len(flaky.requests) > 5
+
+
+async def half_open(aiohttp_server: Any, a: FaultUpstream, b: FaultUpstream) -> Any:
+    """A gateway over a heavy `a` and a light `b` whose `a` breaker is half-open."""
+    config = config_from_mapping(
+        pool_config(
+            {"a": {"base_url": a.url, "weight": 1000}, "b": {"base_url": b.url, "weight": 0.001}},
+            balancer={"failure_threshold": 1, "open_seconds": 0.2},
+        )
+    )
+    server = await aiohttp_server(create_app(config))
+    a.queue(json_response(503, {"error": {"message": "down"}}))
+    await run(server, 1)  # opens a's breaker
+    await asyncio.sleep(0.25)
+    return server
+
+
+async def test_a_probe_answered_429_lets_the_next_request_probe(aiohttp_server: Any) -> None:
+    async with FaultUpstream() as a, FaultUpstream() as b:
+        server = await half_open(aiohttp_server, a, b)
+        a.queue(json_response(429, {"error": {"message": "slow down"}}))
+        assert await run(server, 1) == [(200, "Hello world")]  # the probe's 429 fails over
+        await run(server, 10)
+        # a 429 says nothing of health: the next request probed, a recovered and took traffic
+        assert len(a.requests) > 5
+
+
+async def test_a_probe_whose_client_left_lets_the_next_request_probe(
+    aiohttp_server: Any,
+) -> None:
+    async with FaultUpstream() as a, FaultUpstream() as b:
+        server = await half_open(aiohttp_server, a, b)
+        a.queue((Hang(),))  # the probe waits for a head that never comes; its client leaves
+        async with aiohttp.ClientSession() as client:
+            task = asyncio.create_task(
+                client.post(server.make_url("/v1/chat/completions"), json=PAYLOAD)
+            )
+            await a.wait_requests(2)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        await run(server, 10)
+        assert len(a.requests) > 5
 
 
 async def test_retry_budget_caps_retries(aiohttp_server: Any) -> None:

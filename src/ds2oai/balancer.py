@@ -75,6 +75,11 @@ class CircuitBreaker:
             return True
         return False
 
+    def abandon(self) -> None:
+        """The half-open probe proved nothing (its client left, or the upstream said 429):
+        let the next request probe. Only the request that took the probe may call this."""
+        self._probing = False
+
     def success(self) -> None:
         self._failures.clear()
         self._opened_at = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from ds2oai import http1, jsonutil
-from ds2oai.balancer import CircuitBreaker, choose
+from ds2oai.balancer import BreakerState, CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
 from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
@@ -140,9 +140,12 @@ class UpstreamClient:
         pooled = len(self._targets) > 1  # breakers only matter where there is a choice
         while True:
             target = choose(self._targets, exclude=tried) if pooled else None
-            if pooled and target is not None and not target.breaker.acquire():
-                tried.append(target)
-                continue
+            probe = False  # this request holds the target's half-open probe
+            if pooled and target is not None:
+                probe = target.breaker.state is BreakerState.HALF_OPEN
+                if not target.breaker.acquire():
+                    tried.append(target)
+                    continue
             if target is None:
                 untried = [t for t in self._targets if t not in tried]
                 if not untried:
@@ -164,9 +167,15 @@ class UpstreamClient:
                 target.breaker.failure()
                 child(SELECTED, target.name, "timeout").inc()
                 raise
+            except BaseException:  # cancelled (the client left): no verdict on the upstream
+                if probe:
+                    target.breaker.abandon()
+                raise
             if reply.status >= 500 or reply.status == 429:
                 if reply.status >= 500:
-                    target.breaker.failure()  # a 429 is about load, not health
+                    target.breaker.failure()
+                elif probe:  # a 429 is about load, not health: the next request probes
+                    target.breaker.abandon()
                 child(SELECTED, target.name, str(reply.status)).inc()
                 if pooled and choose(self._targets, exclude=tried) is not None:
                     await reply.aclose()
