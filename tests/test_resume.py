@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -12,6 +14,7 @@ from ds2oai.resume import Progress, add_usage
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT
 from tests.conftest import GatewayFactory
 from tests.fault_upstream import DONE, Close, FaultUpstream, Hang, Reset, chunk, sse_script
+from tests.loopback import RawServer
 from tests.sse_client import Event, parse_events, spec_text
 
 TOKENS = ["Hé", "llo", " wörld", ",", " how", " are", " you", "?"]
@@ -222,3 +225,44 @@ def test_usage_is_summed_field_by_field() -> None:
     }
     assert add_usage(None, b) == b
     assert add_usage(a, None) == a
+
+
+async def test_the_continuation_can_use_the_connection_the_broken_answer_held(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # One upstream connection allowed; the first answer is whole (`[DONE]` without a finish),
+    # so the continuation must get that same connection back, not wait for another.
+    # (`[DONE]` comes after the text has gone out: a break before any byte is not resumed.)
+    first = b"".join(first_attempt(3))
+    rest = b"".join(continuation(3))
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for body, then in ((first, DONE), (rest, b"")):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            seen.append(head.split(b" ")[1])
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body + then) + body
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(then)
+            await writer.drain()
+        await reader.read()
+
+    async with RawServer(handle) as upstream:
+        server = await gateway(
+            upstream.url,
+            resume=RESUME,
+            upstream={"max_connections": 1, "connect_timeout": 2.0},
+            retry={"max_retries": 0},
+        )
+        started = time.monotonic()
+        route = "/v1/chat/completions"
+        raw = await post(client, server.make_url(route), ROUTES[route][0])
+        assert text_of(route, raw) == (TEXT, "response.completed")
+        assert time.monotonic() - started < 1.5  # no wait for a pool slot (2 s)
+        assert seen == [b"/v1/chat/completions", b"/beta/chat/completions"]

@@ -352,6 +352,10 @@ class Reframe:
                         if isinstance(event, Chunk):
                             event = progress.observe(event)
                         if sent and self._is_break(event, progress):
+                            # Done with this body either way (a break is its end): a whole
+                            # answer's connection goes back to the pool for the continuation,
+                            # which could otherwise wait on a full pool for it.
+                            await body.aclose()
                             resumed = await self._resume_stream(exchange, call_next, progress)
                             if resumed is not None:
                                 break
