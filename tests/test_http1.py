@@ -511,6 +511,36 @@ async def test_closing_the_pool_fails_requests_waiting_for_a_slot() -> None:
         assert pool.open_connections == 0
 
 
+async def test_abort_fails_a_request_waiting_for_its_head_and_sends_nothing_again(
+    pool: http1.Pool,
+) -> None:
+    # On a reused connection, so that the stale keep-alive retry would be tempted.
+    second_in = asyncio.Event()
+    connections: list[int] = []
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await read_request(reader)
+        second_in.set()
+        await reader.read()  # never answers the second
+
+    async with RawServer(handle) as server:
+        response = await pool.request("GET", server.url + "/")
+        assert await read_all(response) == b"ok"
+        response.release()
+        waiting = asyncio.ensure_future(pool.request("GET", server.url + "/"))
+        await asyncio.wait_for(second_in.wait(), 2)
+        pool.abort()
+        with pytest.raises(http1.Disconnected):
+            await asyncio.wait_for(waiting, 2)
+        with pytest.raises(http1.Disconnected):
+            await pool.request("GET", server.url + "/")
+        await nothing_open(pool)
+    assert len(connections) == 1
+
+
 async def test_the_kernels_connect_timeout_is_a_connect_error(
     pool: http1.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
-from tests.fault_upstream import FaultUpstream, sse_script, text_events
+from tests.fault_upstream import FaultUpstream, Hang, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
 
 SHORT = [f"s{i} " for i in range(5)]
@@ -106,3 +106,31 @@ async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_a_request_still_waiting_for_the_upstream_gets_a_502_at_the_cut(
+    tmp_path: Path,
+) -> None:
+    async with FaultUpstream() as upstream:
+        upstream.route("hang", (Hang(),))  # the upstream takes the request and never answers
+        proc, url = start_gateway(tmp_path, upstream.url, grace=1.5)
+        try:
+            async with aiohttp.ClientSession() as client:
+                payload = {"messages": [], "stream": True, "fault": "hang"}
+                request = asyncio.ensure_future(
+                    client.post(url + "/v1/chat/completions", json=payload)
+                )
+                await upstream.wait_requests(1)
+                await asyncio.sleep(0.2)
+                proc.send_signal(signal.SIGTERM)
+                async with await request as resp:
+                    status, body = resp.status, await resp.json()
+            rc = await asyncio.to_thread(proc.wait, 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == 0
+    assert status == 502
+    assert "shutting down" in body["error"]["message"]
+    assert len(upstream.requests) == 1  # not sent again

@@ -72,7 +72,14 @@ class ClientError(GatewayError):
 
 
 class UpstreamConnectError(GatewayError):
-    """No usable upstream response: DNS, refused, reset before headers, TLS."""
+    """No usable upstream response: DNS, refused, reset before headers, TLS.
+
+    `retryable` is false when trying again cannot help (the gateway is shutting down).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class UpstreamTimeoutError(GatewayError):

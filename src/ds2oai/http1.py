@@ -158,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._early: list[bytes] | None = []
         self._lost_with: Exception | None = None
         self.uses = 0  # requests sent on it
+        self._closed_here = False  # close() was called (rather than the server closing)
         self._reset(None)
 
     def _reset(self, read_timeout: float | None) -> None:
@@ -308,8 +309,15 @@ class _Connection(asyncio.Protocol):
 
     @property
     def closed_unanswered_after_reuse(self) -> bool:
-        # Not a byte of answer (nothing is read while waiting for the head, so none arrived).
-        return self.uses > 1 and self.closed and self._size == 0 and not self._head_done
+        # Closed by the server (not by close()), and not a byte of answer (nothing is read
+        # while waiting for the head, so none arrived).
+        return (
+            self.uses > 1
+            and self.closed
+            and not self._closed_here
+            and self._size == 0
+            and not self._head_done
+        )
 
     @property
     def closing(self) -> bool:
@@ -332,6 +340,7 @@ class _Connection(asyncio.Protocol):
                 self._transport.resume_reading()
 
     def close(self) -> None:
+        self._closed_here = True
         if self._error is None and not self._complete:
             self._error = Disconnected("the connection was closed")
         self._keep_alive = False
@@ -536,8 +545,9 @@ class Pool:
             try:
                 status, reply_headers = await conn.head()
             except Disconnected:
+                stale = conn.closed_unanswered_after_reuse
                 conn.close()
-                if not conn.closed_unanswered_after_reuse:
+                if not stale:
                     raise
                 # The server closed its idle end as the request went out (keep-alive timeouts
                 # racing): nothing was answered, so nothing was processed. Once more, fresh.
@@ -548,7 +558,9 @@ class Pool:
                 raise
             return Response(self, conn, status, reply_headers)
 
-    async def close(self) -> None:
+    def abort(self) -> None:
+        """Close every connection, busy or idle; requests waiting for a head, a slot or a
+        connection fail with `Disconnected`, and so does every request from now on."""
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -559,6 +571,9 @@ class Pool:
             if not slot.done():
                 slot.set_result(None)  # each waiter then sees the pool closed
         self._slots.clear()
+
+    async def close(self) -> None:
+        self.abort()
         await asyncio.sleep(0)  # let the transports call connection_lost
 
     # -- internals --------------------------------------------------------------------------

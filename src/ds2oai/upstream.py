@@ -157,6 +157,10 @@ class UpstreamClient:
             try:
                 reply = await self._post(exchange, target.url, target.auth, target.models)
             except UpstreamConnectError as exc:
+                if not exc.retryable:  # shutting down: no verdict on the upstream
+                    if probe:
+                        target.breaker.abandon()
+                    raise
                 target.breaker.failure()
                 child(SELECTED, target.name, "connect_error").inc()
                 last_error = exc
@@ -188,6 +192,8 @@ class UpstreamClient:
     async def _post(
         self, exchange: Exchange, url: str, auth: str | None, models: Mapping[str, str]
     ) -> Reply:
+        if self._abort_reason is not None:
+            raise UpstreamConnectError(self._abort_reason, retryable=False)
         exchange.trace.attempts += 1
         headers = [
             (k, v) for k, v in exchange.upstream_headers.items() if k.lower() not in _RESERVED
@@ -222,6 +228,8 @@ class UpstreamClient:
             raise UpstreamConnectError(f"Cannot connect to the upstream ({exc.os_error})") from None
         except http1.Disconnected:
             child(ATTEMPTS, "connect_error").inc()
+            if self._abort_reason is not None:  # cut by abort_all while waiting for the head
+                raise UpstreamConnectError(self._abort_reason, retryable=False) from None
             raise UpstreamConnectError(
                 "Upstream connection failed before a response (closed or not HTTP)"
             ) from None
@@ -236,10 +244,12 @@ class UpstreamClient:
 
     def abort_all(self, reason: str) -> None:
         """Cut every open upstream body (shutdown grace is over): each stream then ends with
-        its dialect's terminal error carrying `reason`, instead of a bare truncation."""
+        its dialect's terminal error carrying `reason`, instead of a bare truncation; a request
+        still waiting for its answer's head gets a 502 with `reason`; nothing new is sent."""
         self._abort_reason = reason
         for response in list(self._open):
             response.close()
+        self._pool.abort()  # requests still waiting for a head, a slot or a connection
 
 
 class UpstreamBody(AsyncGenerator[bytes, None]):

@@ -83,8 +83,8 @@ class Retry:
             reply: Reply | None = None
             try:
                 reply = await call_next(current)
-            except UpstreamConnectError:
-                if attempt >= c.max_retries:
+            except UpstreamConnectError as exc:
+                if not exc.retryable or attempt >= c.max_retries:
                     raise
                 delay = self.backoff(attempt)
                 if self._clock() + delay > deadline or not self._may_retry():
