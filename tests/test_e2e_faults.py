@@ -478,6 +478,25 @@ async def test_client_disconnect_while_waiting_for_upstream_headers(
     await fault_upstream.wait_client_disconnect(timeout=3)
 
 
+async def test_client_disconnect_before_an_unlabelled_body_starts(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # No content type: the gateway waits for the first bytes to tell SSE from JSON.
+    fault_upstream.queue((Head(200, ()), Hang()))
+    server = await gateway(fault_upstream.url)
+    task = asyncio.create_task(
+        client.post(server.make_url("/v1/chat/completions"), json=body(stream=True))
+    )
+    await fault_upstream.wait_requests(1)
+    await asyncio.sleep(0.1)  # the head is in; the body is not
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    await fault_upstream.wait_client_disconnect(timeout=3)
+    assert time.monotonic() - started < 2
+
+
 async def test_slow_client_backpressures_the_upstream(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

@@ -228,7 +228,11 @@ class Reframe:
             return reply.body
         if isinstance(reply.body, bytes) or content_type.endswith("json"):
             return self._json_answer(await read_limited(reply.body, _MAX_JSON_ANSWER))
-        first = await anext(reply.body, b"")
+        try:
+            first = await anext(reply.body, b"")
+        except BaseException:  # broken, or cancelled (the client left): stop the upstream
+            await reply.aclose()
+            raise
         head = first.lstrip(b"\r\n\t ")
         if head[:1] == b"{":
             rest = await read_limited(reply.body, _MAX_JSON_ANSWER)
