@@ -13,7 +13,18 @@ from ds2oai.events import Chunk
 from ds2oai.resume import Progress, add_usage
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT
 from tests.conftest import GatewayFactory
-from tests.fault_upstream import DONE, Close, FaultUpstream, Hang, Reset, chunk, sse_script
+from tests.fault_upstream import (
+    DONE,
+    Close,
+    End,
+    FaultUpstream,
+    Hang,
+    Head,
+    Reset,
+    Send,
+    chunk,
+    sse_script,
+)
 from tests.loopback import RawServer
 from tests.sse_client import Event, parse_events, spec_text
 
@@ -266,3 +277,21 @@ async def test_the_continuation_can_use_the_connection_the_broken_answer_held(
         assert text_of(route, raw) == (TEXT, "response.completed")
         assert time.monotonic() - started < 1.5  # no wait for a pool slot (2 s)
         assert seen == [b"/v1/chat/completions", b"/beta/chat/completions"]
+
+
+@pytest.mark.parametrize("end", [DONE, b""], ids=["done-without-finish", "end-of-body"])
+async def test_a_break_in_the_same_read_as_the_first_text_is_resumed(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    end: bytes,
+) -> None:
+    # The whole broken first attempt arrives in one write: nothing has gone out yet when the
+    # break is read, but its text will, so the continuation is asked for all the same.
+    fault_upstream.queue((Head(), Send(b"".join(first_attempt(3)) + end), End()))
+    fault_upstream.queue(sse_script(continuation(3)))
+    server = await gateway(fault_upstream.url, resume=RESUME)
+    route = "/v1/chat/completions"
+    raw = await post(client, server.make_url(route), ROUTES[route][0])
+    assert text_of(route, raw) == (TEXT, "response.completed")
+    assert len(fault_upstream.requests) == 2

@@ -355,7 +355,8 @@ class Reframe:
                     if progress is not None:
                         if isinstance(event, Chunk):
                             event = progress.observe(event)
-                        if sent and self._is_break(event, progress):
+                        # Text already produced from this read counts as sent: it will be.
+                        if (sent or parts) and self._is_break(event, progress):
                             # Done with this body either way (a break is its end): a whole
                             # answer's connection goes back to the pool for the continuation,
                             # which could otherwise wait on a full pool for it.
