@@ -167,3 +167,21 @@ async def test_retry_budget_caps_retries(aiohttp_server: Any) -> None:
         results = await run(server, 10)
         assert Counter(status for status, _ in results) == {502: 10}
         assert len(up.requests) == 10 + 4  # 10 first attempts, only 4 retries in budget
+
+
+async def test_readiness_asks_every_upstream_of_the_pool(aiohttp_server: Any) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with FaultUpstream() as good:
+        for targets, ready in (
+            ({"dead": {"base_url": dead}, "good": {"base_url": good.url}}, True),
+            ({"dead": {"base_url": dead}, "gone": {"base_url": dead}}, False),
+        ):
+            # [upstream].base_url stays at its default, which nothing listens on here
+            server = await aiohttp_server(create_app(config_from_mapping(pool_config(targets))))
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(server.make_url("/readyz")) as resp,
+            ):
+                body = await resp.json()
+            assert (resp.status == 200) is ready, body
+            assert "dead: ConnectError" in body["upstream"]

@@ -27,6 +27,8 @@ from ds2oai.upstream_errors import BROKEN_MESSAGE
 
 __all__ = ["Target", "UpstreamBody", "UpstreamClient", "read_limited", "targets_from_config"]
 
+_CHAT_PATH = "/v1/chat/completions"
+
 # Headers the upstream request never takes from anywhere but this module.
 _RESERVED = frozenset(
     {
@@ -66,12 +68,12 @@ def targets_from_config(config: Config) -> list[Target]:
 
     if not config.pool:
         u = config.upstream
-        url = u.base_url.rstrip("/") + "/v1/chat/completions"
+        url = u.base_url.rstrip("/") + _CHAT_PATH
         return [Target("default", url, auth(u.api_key), 1.0, {}, breaker())]
     return [
         Target(
             name,
-            t.base_url.rstrip("/") + "/v1/chat/completions",
+            t.base_url.rstrip("/") + _CHAT_PATH,
             auth(t.api_key),
             t.weight,
             dict(t.models),
@@ -118,9 +120,22 @@ class UpstreamClient:
         await self._pool.close()
 
     async def probe(self) -> tuple[bool, str]:
-        """(reachable, detail): GET {base_url}/models; any HTTP status counts as reachable."""
-        url = self._config.base_url.rstrip("/") + "/models"
-        headers = [("Authorization", self._auth)] if self._auth else []
+        """(reachable, detail): GET {base_url}/models; any HTTP status counts as reachable.
+
+        With `[pool.*]` every upstream of the pool is asked at once and one answer is enough
+        (the gateway can serve while any upstream can).
+        """
+        if len(self._targets) <= 1:
+            return await self._probe_one(self._config.base_url, self._auth)
+        results = await asyncio.gather(
+            *(self._probe_one(t.url.removesuffix(_CHAT_PATH), t.auth) for t in self._targets)
+        )
+        named = zip(self._targets, results, strict=True)
+        return any(ok for ok, _ in results), ", ".join(f"{t.name}: {d}" for t, (_, d) in named)
+
+    async def _probe_one(self, base_url: str, auth: str | None) -> tuple[bool, str]:
+        url = base_url.rstrip("/") + "/models"
+        headers = [("Authorization", auth)] if auth else []
         timeout = self._connect_timeout
         try:
             async with asyncio.timeout(timeout):
