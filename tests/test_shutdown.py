@@ -4,11 +4,13 @@ rest with their terminal error, exit 0; a second SIGTERM exits at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,9 +24,12 @@ SHORT = [f"s{i} " for i in range(5)]
 LONG = [f"l{i} " for i in range(100)]
 
 
-def start_gateway(
+@contextlib.contextmanager
+def gateway_process(
     tmp_path: Path, upstream_url: str, grace: float
-) -> tuple[subprocess.Popen[bytes], str]:
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`ds2oai serve` as a real process (signals reach it as they would in production); killed
+    on the way out if a test left it running."""
     config = tmp_path / "gw.toml"
     config.write_text(f'[server]\nshutdown_grace = {grace}\n[store]\nbackend = "memory"\n')
     port = free_port()
@@ -36,9 +41,14 @@ def start_gateway(
         env=env,
         cwd=ROOT,
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc)
-    return proc, url
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", proc)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def read_stream(client: aiohttp.ClientSession, url: str, fault: str) -> bytes:
@@ -54,8 +64,7 @@ async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
     async with FaultUpstream() as upstream:
         upstream.route("short", sse_script(text_events(SHORT), delay=0.2))  # ~1.2 s
         upstream.route("long", sse_script(text_events(LONG), delay=0.2))  # ~20 s
-        proc, url = start_gateway(tmp_path, upstream.url, grace=3.0)
-        try:
+        with gateway_process(tmp_path, upstream.url, grace=3.0) as (proc, url):
             async with aiohttp.ClientSession() as client:
                 short = asyncio.create_task(read_stream(client, url, "short"))
                 long = asyncio.create_task(read_stream(client, url, "long"))
@@ -70,10 +79,6 @@ async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
                 short_raw, long_raw = await asyncio.gather(short, long)
                 cut_after = time.monotonic() - started
             rc = await asyncio.to_thread(proc.wait, 10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert rc == 0
     short_events = parse_events(short_raw)
     assert short_events[-1].event == "response.completed"
@@ -88,8 +93,7 @@ async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
 async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
     async with FaultUpstream() as upstream:
         upstream.route("long", sse_script(text_events(LONG), delay=0.2))
-        proc, url = start_gateway(tmp_path, upstream.url, grace=30.0)
-        try:
+        with gateway_process(tmp_path, upstream.url, grace=30.0) as (proc, url):
             async with aiohttp.ClientSession() as client:
                 long = asyncio.create_task(read_stream(client, url, "long"))
                 await upstream.wait_requests(1)
@@ -102,10 +106,6 @@ async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
                 assert time.monotonic() - started < 2
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await long
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 async def test_a_request_still_waiting_for_the_upstream_gets_a_502_at_the_cut(
@@ -113,8 +113,7 @@ async def test_a_request_still_waiting_for_the_upstream_gets_a_502_at_the_cut(
 ) -> None:
     async with FaultUpstream() as upstream:
         upstream.route("hang", (Hang(),))  # the upstream takes the request and never answers
-        proc, url = start_gateway(tmp_path, upstream.url, grace=1.5)
-        try:
+        with gateway_process(tmp_path, upstream.url, grace=1.5) as (proc, url):
             async with aiohttp.ClientSession() as client:
                 payload = {"messages": [], "stream": True, "fault": "hang"}
                 request = asyncio.ensure_future(
@@ -126,10 +125,6 @@ async def test_a_request_still_waiting_for_the_upstream_gets_a_502_at_the_cut(
                 async with await request as resp:
                     status, body = resp.status, await resp.json()
             rc = await asyncio.to_thread(proc.wait, 10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert rc == 0
     assert status == 502
     assert "shutting down" in body["error"]["message"]
