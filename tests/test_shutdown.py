@@ -1,5 +1,6 @@
 """SIGTERM with streams in flight: stop accepting, let streams finish within the grace, end the
-rest with their terminal error, exit 0; a second SIGTERM exits at once."""
+rest with their terminal error (a request still waiting for the upstream: a 502), exit 0; a
+second SIGTERM exits at once."""
 
 from __future__ import annotations
 
