@@ -18,7 +18,7 @@ import ssl
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -539,6 +539,35 @@ async def test_abort_fails_a_request_waiting_for_its_head_and_sends_nothing_agai
             await pool.request("GET", server.url + "/")
         await nothing_open(pool)
     assert len(connections) == 1
+
+
+async def test_a_connection_lost_before_connect_returns_holds_no_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server answers at accept and closes; all of it is processed before the connecting
+    # task resumes. The answer is still read, and the pool's count does not leak a slot.
+    loop = asyncio.get_running_loop()
+    pool = http1.Pool(limit=1)
+
+    async def answered_and_gone(
+        factory: Callable[[], asyncio.Protocol], *args: object, **kwargs: object
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        transport = asyncio.Transport()
+        protocol = factory()
+        protocol.connection_made(transport)
+        protocol.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+        protocol.connection_lost(None)
+        return transport, protocol
+
+    monkeypatch.setattr(loop, "create_connection", answered_and_gone)
+    try:
+        for _ in range(3):  # with a limit of 1, a leaked slot would block the second
+            response = await asyncio.wait_for(pool.request("GET", "http://127.0.0.1:9/"), 2)
+            assert (response.status, await read_all(response)) == (503, b"busy")
+            response.release()
+            assert pool.open_connections == 0
+    finally:
+        await pool.close()
 
 
 async def test_the_kernels_connect_timeout_is_a_connect_error(

@@ -623,7 +623,13 @@ class Pool:
                     self._open -= 1
                     self._free_slot()
                     raise
-                self._conns.add(conn)
+                if conn.closed:
+                    # Lost before this task resumed (its _lost() found nothing to count off):
+                    # it holds no slot; what it said before closing is still read below.
+                    self._open -= 1
+                    self._free_slot()
+                else:
+                    self._conns.add(conn)
                 if self._closed:  # closed while connecting
                     conn.close()
                     raise Disconnected("the client is closed")
