@@ -97,7 +97,7 @@ class UpstreamClient:
         self._read_timeout = config.read_timeout
         self._connect_timeout = config.connect_timeout
         self._targets = targets
-        # The gateway's own key, for the readiness probe and resume's beta endpoint.
+        # The gateway's own key, for resume's beta endpoint.
         self._auth = f"Bearer {config.api_key}" if config.api_key else None
         self._open: set[http1.Response] = set()
         self._abort_reason: str | None = None
@@ -125,17 +125,15 @@ class UpstreamClient:
         With `[pool.*]` every upstream of the pool is asked at once and one answer is enough
         (the gateway can serve while any upstream can).
         """
-        if len(self._targets) <= 1:
-            return await self._probe_one(self._config.base_url, self._auth)
-        results = await asyncio.gather(
-            *(self._probe_one(t.url.removesuffix(_CHAT_PATH), t.auth) for t in self._targets)
-        )
+        results = await asyncio.gather(*(self._probe_one(t) for t in self._targets))
+        if len(results) == 1:
+            return results[0]
         named = zip(self._targets, results, strict=True)
         return any(ok for ok, _ in results), ", ".join(f"{t.name}: {d}" for t, (_, d) in named)
 
-    async def _probe_one(self, base_url: str, auth: str | None) -> tuple[bool, str]:
-        url = base_url.rstrip("/") + "/models"
-        headers = [("Authorization", auth)] if auth else []
+    async def _probe_one(self, target: Target) -> tuple[bool, str]:
+        url = target.url.removesuffix(_CHAT_PATH) + "/models"
+        headers = [("Authorization", target.auth)] if target.auth else []
         timeout = self._connect_timeout
         try:
             async with asyncio.timeout(timeout):

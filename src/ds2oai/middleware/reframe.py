@@ -316,15 +316,15 @@ class Reframe:
                     if not started and self._keepalive > 0:
                         silent = False  # nothing came before the keep-alive deadline
                         data = None
-                        if type(body) is UpstreamBody and body.ready():
-                            data = await anext(body, None)  # in already: no timer needed
-                        elif type(body) is UpstreamBody:
-                            # A cancelled read loses nothing here: a plain timeout will do.
-                            try:
-                                async with asyncio.timeout_at(keepalive_at):
-                                    data = await anext(body, None)
-                            except TimeoutError:
-                                silent = True
+                        if type(body) is UpstreamBody:
+                            if body.ready():  # in already: no timer needed
+                                data = await anext(body, None)
+                            else:  # a cancelled read loses nothing here: a plain timeout
+                                try:
+                                    async with asyncio.timeout_at(keepalive_at):
+                                        data = await anext(body, None)
+                                except TimeoutError:
+                                    silent = True
                         else:  # another stage's generator: race it from a helper task
                             if pending is None:
                                 pending = asyncio.ensure_future(_next(body))
