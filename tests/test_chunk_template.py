@@ -95,11 +95,18 @@ def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:
     assert TextTemplate.learn(raw, chunk) is None
 
 
-def _client_bytes(dialect: ChunkDialect, pieces: list[bytes], templates: bool) -> bytes:
+def _client_bytes(
+    dialect: ChunkDialect, pieces: list[bytes], templates: bool, shortcut: bool = False
+) -> bytes:
+    """What the client gets; `shortcut` reads as reframe does (`text_literal` first)."""
     reader = EventReader(make_exchange(), (), templates=templates)
     events: list[UpstreamEvent] = []
     for piece in pieces:
-        events.extend(reader.read(piece))
+        literal = reader.text_literal(piece) if shortcut else None
+        if literal is not None:
+            events.append(TextDelta([literal]))
+        else:
+            events.extend(reader.read(piece))
     events.append(EndOfBody())
     return b"".join(dialect.feed(event) for event in events)
 
@@ -170,3 +177,55 @@ def test_the_common_stream_takes_the_byte_path() -> None:
     delta = events[1]
     assert isinstance(delta, TextDelta)
     assert [json.loads(x) for x in delta.literals] == [f"w{i} " for i in range(1, 20)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(frame_kinds, texts), max_size=14),
+    st.lists(st.integers(0, 30), max_size=6),
+    st.lists(st.integers(1, 400), max_size=3),
+    st.booleans(),
+)
+def test_one_event_reads_give_the_same_stream_through_the_shortcut(
+    draws: list[tuple[str, str]], merges: list[int], cuts: list[int], usage: bool
+) -> None:
+    # Reads as a paced upstream sends them: mostly one whole event each, some merged, a few
+    # cut anywhere (a cut leaves half an event pending, which the shortcut must not skip).
+    body = _frames(draws)
+    bounds = {i + 2 for i in range(len(body)) if body[i : i + 2] == b"\n\n"} | {len(body)}
+    bounds -= {b for i, b in enumerate(sorted(bounds)) if i in merges}
+    bounds |= {min(c, len(body)) for c in cuts} | {len(body)}
+    positions = sorted(bounds)
+    pieces = [body[a:b] for a, b in zip([0, *positions[:-1]], positions, strict=True)]
+    assert b"".join(pieces) == body
+    for make in (lambda: SpecDialect("gpt"), lambda: ChatDialect("gpt", include_usage=usage)):
+        slow = _client_bytes(make(), pieces, templates=False)
+        fast = _client_bytes(make(), pieces, templates=True, shortcut=True)
+        assert _decoded(fast) == _decoded(slow)
+
+
+def test_the_shortcut_takes_whole_text_events_only() -> None:
+    reader = EventReader(make_exchange(), (), templates=True)
+    event = b"data: " + payload("w1 ") + b"\n\n"
+    assert reader.text_literal(event) is None  # no template yet
+    reader.read(b"data: " + payload("w0 ") + b"\n\n")
+    assert reader.text_literal(event) == b'"w1 "'
+    assert reader.text_literal(event + event) is None  # two events: read() them
+    assert reader.text_literal(event[:-1]) is None  # not ended
+    assert reader.text_literal(event.replace(b"\n\n", b"\r\n\r\n")) is None
+    assert reader.text_literal(b": ping\n\n" + event) is None
+    assert reader.text_literal(b"data: " + payload("w1 ", finish="stop") + b"\n\n") is None
+    bad_escape = payload("ax").replace(b'"ax"', b'"a\\x"')
+    bad_utf8 = payload("\u00e9").replace(b"\\u00e9", b"\xe9")
+    for bad in (bad_escape, bad_utf8):
+        assert reader.text_literal(b"data: " + bad + b"\n\n") is None
+    # Half an event pending: the next read continues it, whatever it looks like.
+    reader.read(event[:20])
+    assert reader.text_literal(event) is None
+    reader.read(event[20:])
+    assert reader.text_literal(event) == b'"w1 "'
+    # A CR at the end of a read may be half of a CRLF: that read is the decoder's to finish.
+    reader.read(b": ping\r")
+    assert reader.text_literal(event) is None
+    assert [type(e) for e in reader.read(event)] == [TextDelta]
+    assert reader.text_literal(event) == b'"w1 "'

@@ -35,20 +35,26 @@ _LITERAL = re.compile(rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*
 # the separators fix where each one starts and ends.
 _LITERALS = re.compile(_LITERAL.pattern + rb"(?:\n" + _LITERAL.pattern + rb")*+")
 _CONTENT_KEY = re.compile(rb'"content"\s*:\s*')
+_LINE_END = re.compile(rb"[\r\n]")
 _PROBE = "\x01probe \u00e9"
 
 
 class TextTemplate:
-    __slots__ = ("_start", "_stop", "prefix", "suffix")
+    __slots__ = ("_event_prefix", "_event_suffix", "_start", "_stop", "prefix", "suffix")
 
     def __init__(self, prefix: bytes, suffix: bytes) -> None:
         assert suffix, "a JSON object always ends after its last string"
+        assert not _LINE_END.search(prefix + suffix), "learned from one-line payloads only"
         # Read-only: a caller may test `startswith(prefix)` and `endswith(suffix)` itself in a
         # hot loop, then hand the payloads that pass to `literals()`.
         self.prefix = prefix
         self.suffix = suffix
         self._start = len(prefix)
         self._stop = -len(suffix)
+        # The same payload as a whole SSE event: prefix, suffix and a valid literal hold no line
+        # end, so what matches these is exactly one one-line event.
+        self._event_prefix = b"data: " + prefix
+        self._event_suffix = suffix + b"\n\n"
 
     @staticmethod
     def eligible(chunk: Chunk) -> bool:
@@ -67,6 +73,8 @@ class TextTemplate:
     def learn(cls, payload: bytes, chunk: Chunk) -> TextTemplate | None:
         """A template from a plain text chunk (`payload` parsed as `chunk`), else None."""
         if not cls.eligible(chunk) or payload.count(b'"content"') != 1:
+            return None
+        if _LINE_END.search(payload):  # not the one-line `data:` payload a template stands for
             return None
         key = _CONTENT_KEY.search(payload)
         if key is None:
@@ -92,6 +100,15 @@ class TextTemplate:
         if payload.startswith(self.prefix) and payload.endswith(self.suffix):
             found = self.literals([payload])
             return found[0] if found is not None else None
+        return None
+
+    def event_literal(self, data: bytes) -> bytes | None:
+        """The text of `data` as a valid JSON string literal when `data` is exactly one whole
+        one-line event `data: <payload>\\n\\n` whose payload fits the template; else None."""
+        if data.startswith(self._event_prefix) and data.endswith(self._event_suffix):
+            literal = data[self._start + 6 : self._stop - 2]
+            if _LITERAL.fullmatch(literal) is not None and _utf8(literal):
+                return literal
         return None
 
     def literals(self, payloads: list[bytes]) -> list[bytes] | None:

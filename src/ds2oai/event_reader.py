@@ -50,6 +50,15 @@ class EventReader:
         """A new upstream body (a resumed stream) starts with a clean decoder."""
         self._decoder = SSEDecoder()
 
+    def text_literal(self, data: bytes) -> bytes | None:
+        """The text of `data` when it is one whole plain text chunk that fits the learned
+        template, nothing pending before it: what `read(data)` would return as a one-literal
+        `TextDelta`, found without decoding events. None otherwise (then `read()` it)."""
+        template = self._template
+        if template is None or not self._decoder.between_events(len(data)):
+            return None
+        return template.event_literal(data)
+
     def read(self, data: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
         template = self._template

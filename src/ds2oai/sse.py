@@ -88,6 +88,18 @@ class SSEDecoder:
         The event id such an event would carry is not reported."""
         return self._feed(chunk, True)
 
+    def between_events(self, size: int) -> bool:
+        """Nothing is pending: a `size`-byte input that is exactly one whole one-line `data:`
+        event (LF-only) would be decoded to its payload and nothing else."""
+        return (
+            not self._buf
+            and self._bom_checked
+            and not self._skip_lf
+            and not self._data
+            and self._event is None
+            and size <= self._max_event_bytes
+        )
+
     def _feed(self, chunk: bytes, raw: bool) -> list[SSEEvent | SSEComment | bytes]:
         out: list[SSEEvent | SSEComment | bytes] = []
         if not chunk:

@@ -38,6 +38,7 @@ from ds2oai.events import (
     Done,
     EndOfBody,
     StreamBroken,
+    TextDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
 )
@@ -312,6 +313,7 @@ class Reframe:
         keepalive_at = time.monotonic() + self._keepalive
         try:
             while True:
+                literal: bytes | None = None
                 try:
                     if not started and self._keepalive > 0:
                         silent = False  # nothing came before the keep-alive deadline
@@ -341,13 +343,27 @@ class Reframe:
                             continue
                     else:
                         data = await anext(body, None)
+                        if data is not None:
+                            literal = reader.text_literal(data)
                     events: list[UpstreamEvent] = (
-                        [EndOfBody()] if data is None else reader.read(data)
+                        [EndOfBody()]
+                        if data is None
+                        else []
+                        if literal is not None
+                        else reader.read(data)
                     )
                 except UpstreamStreamError as exc:
                     events = [StreamBroken(exc.message, timeout=exc.timeout)]
                 except SSEDecodeError as exc:
                     events = [StreamBroken(str(exc))]
+                if literal is not None:
+                    # A paced stream's usual read, one plain text chunk: what the loop below
+                    # makes of it (a text delta never ends the stream), without its lists.
+                    produced = dialect.feed(TextDelta([literal]))
+                    if produced:
+                        sent = started = True
+                        yield produced
+                    continue
                 parts: list[bytes] = []  # joined once: `+=` would copy the growing write
                 resumed: Body | None = None
                 feed = dialect.feed
