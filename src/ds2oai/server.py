@@ -303,7 +303,13 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                     await response.write(item)
                     if not measured:
                         measured = _added_latency(trace)
-                item = ahead if ahead is not None else await anext(body, None)
+                if ahead is not None:
+                    item = ahead
+                    continue
+                try:  # not anext(body, None): its wrapper is one more frame per event
+                    item = await body.__anext__()
+                except StopAsyncIteration:
+                    item = None
             else:
                 await response.write_eof()
             if not measured:

@@ -313,7 +313,8 @@ class Reframe:
         keepalive_at = time.monotonic() + self._keepalive
         try:
             while True:
-                literal: bytes | None = None
+                literal: bytes | None = None  # the read was one text chunk: no events
+                events: list[UpstreamEvent]
                 try:
                     if not started and self._keepalive > 0:
                         silent = False  # nothing came before the keep-alive deadline
@@ -342,16 +343,14 @@ class Reframe:
                             yield encode_comment()
                             continue
                     else:
-                        data = await anext(body, None)
-                        if data is not None:
+                        try:  # not anext(body, None): its wrapper is one more frame per read
+                            data = await body.__anext__()
+                        except StopAsyncIteration:
+                            data = None
+                        else:
                             literal = reader.text_literal(data)
-                    events: list[UpstreamEvent] = (
-                        [EndOfBody()]
-                        if data is None
-                        else []
-                        if literal is not None
-                        else reader.read(data)
-                    )
+                    if literal is None:
+                        events = [EndOfBody()] if data is None else reader.read(data)
                 except UpstreamStreamError as exc:
                     events = [StreamBroken(exc.message, timeout=exc.timeout)]
                 except SSEDecodeError as exc:
