@@ -19,7 +19,7 @@ from ds2oai.dialects.base import ChunkDialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.event_reader import EventReader
-from ds2oai.events import Chunk, EndOfBody, TextDelta, UpstreamEvent, parse_upstream_event
+from ds2oai.events import Chunk, EndOfBody, TextDelta, parse_upstream_event
 from tests.conftest import make_exchange
 
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
@@ -100,15 +100,15 @@ def _client_bytes(
 ) -> bytes:
     """What the client gets; `shortcut` reads as reframe does (`text_literal` first)."""
     reader = EventReader(make_exchange(), (), templates=templates)
-    events: list[UpstreamEvent] = []
+    out: list[bytes] = []
     for piece in pieces:
         literal = reader.text_literal(piece) if shortcut else None
         if literal is not None:
-            events.append(TextDelta([literal]))
+            out.append(dialect.feed_text(literal))
         else:
-            events.extend(reader.read(piece))
-    events.append(EndOfBody())
-    return b"".join(dialect.feed(event) for event in events)
+            out.extend(dialect.feed(event) for event in reader.read(piece))
+    out.append(dialect.feed(EndOfBody()))
+    return b"".join(out)
 
 
 texts = st.text(

@@ -29,3 +29,7 @@ class Dialect(Protocol):
 
     def feed(self, event: UpstreamEvent) -> bytes:
         """The bytes this event produces downstream (b"" for none). No-op after the end."""
+
+    def feed_text(self, literal: bytes) -> bytes:
+        """`feed(TextDelta([literal]))` without building the event: the hot path of a paced
+        stream. Only called on a dialect with `text_literals`."""

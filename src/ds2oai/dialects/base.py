@@ -34,6 +34,9 @@ class State(enum.Enum):
     ENDED = 3
 
 
+_STREAMING = State.STREAMING  # read per text chunk: a module global, not a class attribute
+
+
 class ChunkDialect:
     media_type = "text/event-stream"
     # Takes `TextDelta` (a text chunk as the upstream's JSON string literal) via `_text`.
@@ -70,6 +73,9 @@ class ChunkDialect:
             outcome = "timeout" if event.timeout else "upstream_broken"
             return self._end_error(outcome, "upstream_stream_broken", event.message)
         raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
+
+    def feed_text(self, literal: bytes) -> bytes:
+        return self._text([literal]) if self._state is _STREAMING else b""
 
     def _end_completed(self) -> bytes:
         self._state = State.ENDED

@@ -217,6 +217,9 @@ class ResponsesDialect:
 
     # --- the Dialect protocol -------------------------------------------------------------
 
+    def feed_text(self, literal: bytes) -> bytes:
+        raise TypeError("text_literals is False: this dialect takes parsed chunks only")
+
     @property
     def outcome(self) -> str | None:
         return self._outcome

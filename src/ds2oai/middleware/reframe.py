@@ -38,7 +38,6 @@ from ds2oai.events import (
     Done,
     EndOfBody,
     StreamBroken,
-    TextDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
 )
@@ -358,7 +357,7 @@ class Reframe:
                 if literal is not None:
                     # A paced stream's usual read, one plain text chunk: what the loop below
                     # makes of it (a text delta never ends the stream), without its lists.
-                    produced = dialect.feed(TextDelta([literal]))
+                    produced = dialect.feed_text(literal)
                     if produced:
                         sent = started = True
                         yield produced
