@@ -87,6 +87,9 @@ def test_anything_but_a_plain_text_chunk_does_not_match(other: bytes | str) -> N
         # "content" twice: the parser keeps the last one, a template would see the first
         payload("x").replace(b'"content": "x"', b'"content": "a", "content": "b"'),
         json.dumps({**BASE, "note": "content", "choices": [{"delta": {"content": "x"}}]}).encode(),
+        # valid JSON over two lines: no one-line `data:` event could carry it
+        payload("x").replace(b", ", b",\n", 1),
+        payload("x").replace(b", ", b",\r", 1),
     ],
 )
 def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:

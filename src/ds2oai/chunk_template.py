@@ -35,7 +35,6 @@ _LITERAL = re.compile(rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*
 # the separators fix where each one starts and ends.
 _LITERALS = re.compile(_LITERAL.pattern + rb"(?:\n" + _LITERAL.pattern + rb")*+")
 _CONTENT_KEY = re.compile(rb'"content"\s*:\s*')
-_LINE_END = re.compile(rb"[\r\n]")
 _PROBE = "\x01probe \u00e9"
 
 
@@ -44,7 +43,8 @@ class TextTemplate:
 
     def __init__(self, prefix: bytes, suffix: bytes) -> None:
         assert suffix, "a JSON object always ends after its last string"
-        assert not _LINE_END.search(prefix + suffix), "learned from one-line payloads only"
+        assert _one_line(prefix), "learned from one-line payloads only"
+        assert _one_line(suffix), "learned from one-line payloads only"
         # Read-only: a caller may test `startswith(prefix)` and `endswith(suffix)` itself in a
         # hot loop, then hand the payloads that pass to `literals()`.
         self.prefix = prefix
@@ -74,7 +74,7 @@ class TextTemplate:
         """A template from a plain text chunk (`payload` parsed as `chunk`), else None."""
         if not cls.eligible(chunk) or payload.count(b'"content"') != 1:
             return None
-        if _LINE_END.search(payload):  # not the one-line `data:` payload a template stands for
+        if not _one_line(payload):  # not the one-line `data:` payload a template stands for
             return None
         key = _CONTENT_KEY.search(payload)
         if key is None:
@@ -121,6 +121,11 @@ class TextTemplate:
         if _LITERALS.fullmatch(joined) is not None and _utf8(joined):
             return literals
         return None
+
+
+def _one_line(data: bytes) -> bool:
+    # Two memchr scans: a `[\r\n]` class search walks the bytes in Python's `re` (10x slower).
+    return data.find(b"\n") < 0 and data.find(b"\r") < 0
 
 
 def _utf8(data: bytes) -> bool:
