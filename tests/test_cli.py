@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
+from ds2oai.metrics import FLUSH_INTERVAL
 from tests.conftest import ROOT, free_port, wait_http
 from tests.sse_client import parse_events, spec_text
 
@@ -148,12 +149,19 @@ async def test_workers_share_one_port_and_aggregate_metrics(mock_upstream_url: s
                     url + "/v1/chat/completions", json=payload, headers={"Connection": "close"}
                 ) as resp:
                     assert spec_text(parse_events(await resp.read())).startswith("Hello")
-            async with client.get(url + "/metrics") as resp:
-                text = await resp.text()
+            # Each worker hands its counts over every FLUSH_INTERVAL: a scrape sees all 40
+            # within a few intervals, whichever worker answers it.
+            line = 'ds2oai_requests_total{route="/v1/chat/completions",status="200"} 40.0'
+            deadline = asyncio.get_running_loop().time() + 5 * FLUSH_INTERVAL
+            while True:
+                async with client.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                if line in text or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert len(pids) == 2
-    line = 'ds2oai_requests_total{route="/v1/chat/completions",status="200"} 40.0'
     assert line in text

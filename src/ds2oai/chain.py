@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from ds2oai import jsonutil
 from ds2oai.config import Config
 from ds2oai.errors import ConfigError
-from ds2oai.metrics import MIDDLEWARE_SECONDS
+from ds2oai.metrics import MIDDLEWARE_SECONDS, observe
 
 __all__ = [
     "Body",
@@ -162,7 +162,7 @@ def _bind(middleware: Middleware, call_next: Next) -> Next:
         try:
             return await middleware(exchange, call_next)
         finally:
-            timer.observe(time.perf_counter() - started)
+            observe(timer, time.perf_counter() - started)
 
     handler.__qualname__ = f"chain[{middleware.name}]"
     return handler

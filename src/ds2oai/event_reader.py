@@ -25,7 +25,7 @@ from ds2oai.events import (
     UpstreamEvent,
     parse_upstream_event,
 )
-from ds2oai.metrics import QUEUE_WAIT
+from ds2oai.metrics import QUEUE_WAIT, observe
 from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent
 from ds2oai.upstream_errors import sanitize_message
 
@@ -148,7 +148,7 @@ def _note(exchange: Exchange, chunk: Chunk) -> None:
         trace.first_token_at = time.monotonic()
         if trace.first_comment_at is not None:
             trace.queue_wait = trace.first_token_at - trace.first_comment_at
-            QUEUE_WAIT.observe(trace.queue_wait)
+            observe(QUEUE_WAIT, trace.queue_wait)
     if chunk.usage is not None:
         trace.prompt_tokens = chunk.usage.get("prompt_tokens")
         trace.completion_tokens = chunk.usage.get("completion_tokens")

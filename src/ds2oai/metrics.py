@@ -4,10 +4,18 @@ Module-level collectors in prometheus-client's default registry; `render()` serv
 `--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before the workers start and `render()`
 aggregates every process's files, so one scrape of any worker sees the whole gateway.
 Recording functions are small and never raise; nothing here touches requests or responses.
+
+The per-request series go through `inc()` and `observe()`, which only add to this process's
+pending sums (a dict update each); `flush()` hands them to prometheus-client, one locked update
+per touched series instead of one per event (about 13 per request: 0.3 µs a counter, 0.7 µs a
+histogram, measured). `render()` flushes first, and the server flushes every
+`FLUSH_INTERVAL` seconds, so with `--workers N` another worker's latest updates reach a scrape
+within that interval.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 from typing import TypeVar, cast
@@ -26,6 +34,7 @@ __all__ = [
     "ADDED_LATENCY",
     "ATTEMPTS",
     "CONTENT_TYPE",
+    "FLUSH_INTERVAL",
     "IN_FLIGHT",
     "LIMITS_BACKEND_ERRORS",
     "LIMITS_REFUSED",
@@ -39,6 +48,9 @@ __all__ = [
     "TOKENS",
     "TTFT",
     "child",
+    "flush",
+    "inc",
+    "observe",
     "render",
 ]
 
@@ -127,8 +139,56 @@ def child(metric: _Metric, *labels: str) -> _Metric:
     return cast(_Metric, _child(metric, labels))
 
 
+FLUSH_INTERVAL = 1.0
+
+# Pending since the last flush: counter or gauge series -> amount; histogram series -> its
+# bucket counts and the sum of its observations.
+_counts: dict[Counter | Gauge, float] = {}
+_histograms: dict[Histogram, tuple[list[int], list[float]]] = {}
+
+
+def inc(series: Counter | Gauge, amount: float = 1.0) -> None:
+    """`series.inc(amount)` at the next flush (a gauge takes negative amounts too)."""
+    _counts[series] = _counts.get(series, 0.0) + amount
+
+
+def observe(series: Histogram, value: float) -> None:
+    """`series.observe(value)` at the next flush. `series` has no labels left to fill."""
+    pending = _histograms.get(series)
+    if pending is None:
+        pending = _histograms[series] = ([0] * len(_bounds(series)), [0.0])
+    counts, total = pending
+    # The first bucket whose upper bound is >= value: prometheus-client's own choice.
+    counts[bisect.bisect_left(_bounds(series), value)] += 1
+    total[0] += value
+
+
+@functools.lru_cache(maxsize=1024)
+def _bounds(series: Histogram) -> tuple[float, ...]:
+    return tuple(series._upper_bounds)  # ends with +Inf
+
+
+def flush() -> None:
+    """Apply everything pending to prometheus-client (its files, in multiprocess mode)."""
+    while _counts:
+        series, amount = _counts.popitem()
+        if amount:
+            series.inc(amount)
+    while _histograms:
+        histogram, (counts, total) = _histograms.popitem()
+        # Not public API (stable since the first releases; constraints.txt pins the version and
+        # tests/test_operations.py compares the result with plain `observe()`): one locked
+        # update per bucket that changed, not one per observation.
+        buckets = histogram._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        histogram._sum.inc(total[0])
+
+
 def render() -> bytes:
     """The exposition text; aggregated over worker processes when multiprocess mode is on."""
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -148,7 +148,7 @@ def _route_label(request: web.Request) -> str:
 
 def _record(request: web.Request, status: int) -> None:
     """Metrics for one finished request (never raises)."""
-    metrics.child(metrics.REQUESTS, _route_label(request), str(status)).inc()
+    metrics.inc(metrics.child(metrics.REQUESTS, _route_label(request), str(status)))
     exchange = request.get(_EXCHANGE)
     if exchange is None:
         return
@@ -157,17 +157,17 @@ def _record(request: web.Request, status: int) -> None:
     # from `auth` or a 429 from `limits` is not a stream outcome).
     outcome = trace.outcome or ("upstream_error" if status >= 400 and trace.attempts else None)
     if outcome is not None:
-        metrics.child(metrics.STREAMS, exchange.dialect, outcome).inc()
+        metrics.inc(metrics.child(metrics.STREAMS, exchange.dialect, outcome))
     if trace.first_token_at is not None:
-        metrics.TTFT.observe(trace.first_token_at - trace.started)
+        metrics.observe(metrics.TTFT, trace.first_token_at - trace.started)
     model = exchange.exposed_model
     if model not in request.app[MODEL_LABELS]:
         # A name the client made up (it was sent as the default): label values stay bounded.
         model = str(exchange.upstream_body.get("model", "other"))
     if trace.prompt_tokens:
-        metrics.child(metrics.TOKENS, model, "in").inc(trace.prompt_tokens)
+        metrics.inc(metrics.child(metrics.TOKENS, model, "in"), trace.prompt_tokens)
     if trace.completion_tokens:
-        metrics.child(metrics.TOKENS, model, "out").inc(trace.completion_tokens)
+        metrics.inc(metrics.child(metrics.TOKENS, model, "out"), trace.completion_tokens)
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str]:
@@ -286,7 +286,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         request[_PREPARED] = True
         await response.prepare(request)
         trace.first_byte_at = time.monotonic()
-        metrics.IN_FLIGHT.inc()
+        metrics.inc(metrics.IN_FLIGHT)
         in_flight = True
         try:
             measured = False
@@ -323,7 +323,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         raise
     finally:
         if in_flight:
-            metrics.IN_FLIGHT.dec()
+            metrics.inc(metrics.IN_FLIGHT, -1)
         await body.aclose()
 
 
@@ -352,7 +352,7 @@ def _added_latency(trace: Trace) -> bool:
     """Observe once: upstream's first token in -> written downstream (the gateway's share)."""
     if trace.first_token_at is None:
         return False
-    metrics.ADDED_LATENCY.observe(time.monotonic() - trace.first_token_at)
+    metrics.observe(metrics.ADDED_LATENCY, time.monotonic() - trace.first_token_at)
     return True
 
 
@@ -549,6 +549,23 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].close()
 
 
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Pending metric updates reach prometheus-client every `metrics.FLUSH_INTERVAL` seconds
+    (with `--workers N`, other workers' scrapes read them from there) and at the end."""
+
+    async def flush_every() -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_INTERVAL)
+            metrics.flush()
+
+    task = asyncio.get_running_loop().create_task(flush_every())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    metrics.flush()
+
+
 async def _drain_on_shutdown(app: web.Application) -> None:
     """SIGTERM: the sites already stopped accepting. Open streams get `shutdown_grace` seconds
     to finish; shortly before aiohttp cancels what is left, their upstream bodies are cut so
@@ -582,6 +599,7 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
     app[MODEL_LABELS] = frozenset(config.models.exposed_names())
     app[OWNS_PROCESS] = owns_process
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_metrics_ctx)
     app.on_shutdown.append(_drain_on_shutdown)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)

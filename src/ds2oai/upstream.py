@@ -22,7 +22,7 @@ from ds2oai.balancer import BreakerState, CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
 from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
-from ds2oai.metrics import ATTEMPTS, SELECTED, child
+from ds2oai.metrics import ATTEMPTS, SELECTED, child, inc
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
 __all__ = ["Target", "UpstreamBody", "UpstreamClient", "read_limited", "targets_from_config"]
@@ -175,14 +175,14 @@ class UpstreamClient:
                         target.breaker.abandon()
                     raise
                 target.breaker.failure()
-                child(SELECTED, target.name, "connect_error").inc()
+                inc(child(SELECTED, target.name, "connect_error"))
                 last_error = exc
                 if not pooled:
                     raise
                 continue  # fail over before the first byte
             except UpstreamTimeoutError:
                 target.breaker.failure()
-                child(SELECTED, target.name, "timeout").inc()
+                inc(child(SELECTED, target.name, "timeout"))
                 raise
             except BaseException:  # cancelled (the client left): no verdict on the upstream
                 if probe:
@@ -193,13 +193,13 @@ class UpstreamClient:
                     target.breaker.failure()
                 elif probe:  # a 429 is about load, not health: the next request probes
                     target.breaker.abandon()
-                child(SELECTED, target.name, str(reply.status)).inc()
+                inc(child(SELECTED, target.name, str(reply.status)))
                 if pooled and choose(self._targets, exclude=tried) is not None:
                     await reply.aclose()
                     continue  # another upstream may answer
                 return reply
             target.breaker.success()
-            child(SELECTED, target.name, str(reply.status)).inc()
+            inc(child(SELECTED, target.name, str(reply.status)))
             return reply
 
     async def _post(
@@ -229,25 +229,25 @@ class UpstreamClient:
                 read_timeout=self._read_timeout,
             )
         except http1.ConnectTimeout:
-            child(ATTEMPTS, "connect_error").inc()
+            inc(child(ATTEMPTS, "connect_error"))
             raise UpstreamConnectError("Timed out connecting to the upstream") from None
         except http1.ReadTimeout:
-            child(ATTEMPTS, "timeout").inc()
+            inc(child(ATTEMPTS, "timeout"))
             raise UpstreamTimeoutError(
                 f"The upstream sent no response within {self._read_timeout:g} s"
             ) from None
         except http1.ConnectError as exc:
-            child(ATTEMPTS, "connect_error").inc()
+            inc(child(ATTEMPTS, "connect_error"))
             raise UpstreamConnectError(f"Cannot connect to the upstream ({exc.os_error})") from None
         except http1.Disconnected:
-            child(ATTEMPTS, "connect_error").inc()
+            inc(child(ATTEMPTS, "connect_error"))
             if self._abort_reason is not None:  # cut by abort_all while waiting for the head
                 raise UpstreamConnectError(self._abort_reason, retryable=False) from None
             raise UpstreamConnectError(
                 "Upstream connection failed before a response (closed or not HTTP)"
             ) from None
         exchange.trace.upstream_statuses.append(response.status)
-        child(ATTEMPTS, str(response.status)).inc()
+        inc(child(ATTEMPTS, str(response.status)))
         return Reply(
             response.status,
             response.headers,
