@@ -53,6 +53,20 @@ def _samples(registry: CollectorRegistry) -> list[bytes]:
     return [ln for ln in generate_latest(registry).splitlines() if b"_created" not in ln]
 
 
+def test_a_series_the_client_refuses_is_dropped_and_the_rest_applied() -> None:
+    registry = CollectorRegistry()
+    counter, gauge, plain, _ = _series(registry)
+    metrics.inc(counter.labels("bad"), -3)  # prometheus-client refuses to decrease a counter
+    metrics.inc(counter.labels("good"), 2)
+    metrics.inc(gauge, 4)
+    metrics.observe(plain, 0.5)
+    metrics.flush()  # does not raise
+    assert registry.get_sample_value("t_requests_total", {"route": "good"}) == 2
+    assert registry.get_sample_value("t_requests_total", {"route": "bad"}) == 0
+    assert registry.get_sample_value("t_in_flight") == 4
+    assert registry.get_sample_value("t_ttft_seconds_count") == 1
+
+
 def test_render_flushes_what_is_pending() -> None:
     before = metrics.render()
     metrics.inc(metrics.RETRY_BUDGET_EXHAUSTED)

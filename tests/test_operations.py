@@ -63,6 +63,35 @@ async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
     assert value(after, "ds2oai_streams_in_flight") == 0
 
 
+@pytest.mark.parametrize("bad", [-10, "5", 5.5, True, None])
+async def test_token_counts_that_are_not_counts_are_ignored(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    bad: object,
+) -> None:
+    # Valid JSON, but not a count: it must neither break /metrics nor undo other requests'.
+    server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
+    fault_upstream.queue(sse_script(text_events(["a", "b"])))  # prompt_tokens 5
+    usage = {"prompt_tokens": bad, "completion_tokens": 1, "total_tokens": 1}
+    fault_upstream.queue(sse_script(text_events(["c"], usage=usage)))
+    for _ in range(2):
+        async with client.post(
+            server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+        ) as resp:
+            assert resp.status == 200
+            await resp.read()
+    after = await scrape(client, server.make_url("/metrics"))
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ds2oai_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert delta("ds2oai_tokens_total", model="deepseek-chat", direction="in") == 5
+    assert delta("ds2oai_tokens_total", model="deepseek-chat", direction="out") == 3
+
+
 async def test_made_up_model_names_do_not_become_metric_labels(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

@@ -150,5 +150,11 @@ def _note(exchange: Exchange, chunk: Chunk) -> None:
             trace.queue_wait = trace.first_token_at - trace.first_comment_at
             observe(QUEUE_WAIT, trace.queue_wait)
     if chunk.usage is not None:
-        trace.prompt_tokens = chunk.usage.get("prompt_tokens")
-        trace.completion_tokens = chunk.usage.get("completion_tokens")
+        trace.prompt_tokens = _token_count(chunk.usage.get("prompt_tokens"))
+        trace.completion_tokens = _token_count(chunk.usage.get("completion_tokens"))
+
+
+def _token_count(value: object) -> int | None:
+    """The upstream's count if it is one: metrics and limits add these up, so a negative, a
+    string or a float (all valid JSON) must not reach them."""
+    return value if type(value) is int and value >= 0 else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 import os
 from typing import TypeVar, cast
 
@@ -53,6 +54,8 @@ __all__ = [
     "observe",
     "render",
 ]
+
+log = logging.getLogger("ds2oai.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -169,21 +172,34 @@ def _bounds(series: Histogram) -> tuple[float, ...]:
 
 
 def flush() -> None:
-    """Apply everything pending to prometheus-client (its files, in multiprocess mode)."""
+    """Apply everything pending to prometheus-client (its files, in multiprocess mode).
+
+    Never raises: a series the client refuses (a counter given a negative sum) is logged and
+    dropped, and the others are applied all the same."""
     while _counts:
         series, amount = _counts.popitem()
-        if amount:
-            series.inc(amount)
+        try:
+            if amount:
+                series.inc(amount)
+        except Exception:
+            log.exception("metric update dropped", extra={"series": _name(series)})
     while _histograms:
         histogram, (counts, total) = _histograms.popitem()
-        # Not public API (stable since the first releases; constraints.txt pins the version and
-        # tests/test_operations.py compares the result with plain `observe()`): one locked
-        # update per bucket that changed, not one per observation.
-        buckets = histogram._buckets
-        for i, n in enumerate(counts):
-            if n:
-                buckets[i].inc(n)
-        histogram._sum.inc(total[0])
+        try:
+            # Not public API (stable since the first releases; constraints.txt pins the version
+            # and tests/test_metrics.py compares the result with plain `observe()`): one locked
+            # update per bucket that changed, not one per observation.
+            buckets = histogram._buckets
+            for i, n in enumerate(counts):
+                if n:
+                    buckets[i].inc(n)
+            histogram._sum.inc(total[0])
+        except Exception:
+            log.exception("metric update dropped", extra={"series": _name(histogram)})
+
+
+def _name(series: Counter | Gauge | Histogram) -> str:
+    return f"{series._name}{dict(zip(series._labelnames, series._labelvalues, strict=False))}"
 
 
 def render() -> bytes:
