@@ -111,15 +111,11 @@ class SSEDecoder:
         buf = self._buf
         if (
             raw
-            and not buf
-            and self._bom_checked
-            and not self._data
-            and self._event is None
+            and self.between_events(len(chunk))
             and chunk.startswith(b"data: ")
             and chunk.endswith(b"\n\n")
             and chunk.count(b"\n") == 2
             and chunk.find(b"\r") < 0
-            and len(chunk) <= self._max_event_bytes
         ):
             # A paced stream's usual read: exactly one whole one-line `data:` event.
             out.append(chunk[6:-2])
