@@ -13,10 +13,10 @@ from tests.conftest import GatewayFactory, free_port
 from tests.fault_upstream import FaultUpstream, Head, Send, Sleep, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-async def scrape(
-    client: aiohttp.ClientSession, url: object
-) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+
+async def scrape(client: aiohttp.ClientSession, url: object) -> Samples:
     async with client.get(url) as resp:  # type: ignore[arg-type]
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
@@ -29,10 +29,13 @@ async def scrape(
     return samples
 
 
-def value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """How much a sample grew between two scrapes."""
+    return value(after, name, **labels) - value(before, name, **labels)
 
 
 async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
@@ -49,17 +52,17 @@ async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
         await resp.read()
     after = await scrape(client, server.make_url("/metrics"))
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
-
-    assert delta("ds2oai_requests_total", route="/v1/chat/completions", status="200") == 1
-    assert delta("ds2oai_streams_total", dialect="spec", outcome="completed") == 1
-    assert delta("ds2oai_upstream_attempts_total", status="200") == 1
-    assert delta("ds2oai_tokens_total", model="metrics-model", direction="in") == 5
-    assert delta("ds2oai_tokens_total", model="metrics-model", direction="out") == 2
-    assert delta("ds2oai_time_to_first_token_seconds_count") == 1
-    assert delta("ds2oai_gateway_added_latency_seconds_count") == 1
-    assert delta("ds2oai_middleware_seconds_count", middleware="retry") == 1
+    assert (
+        delta(before, after, "ds2oai_requests_total", route="/v1/chat/completions", status="200")
+        == 1
+    )
+    assert delta(before, after, "ds2oai_streams_total", dialect="spec", outcome="completed") == 1
+    assert delta(before, after, "ds2oai_upstream_attempts_total", status="200") == 1
+    assert delta(before, after, "ds2oai_tokens_total", model="metrics-model", direction="in") == 5
+    assert delta(before, after, "ds2oai_tokens_total", model="metrics-model", direction="out") == 2
+    assert delta(before, after, "ds2oai_time_to_first_token_seconds_count") == 1
+    assert delta(before, after, "ds2oai_gateway_added_latency_seconds_count") == 1
+    assert delta(before, after, "ds2oai_middleware_seconds_count", middleware="retry") == 1
     assert value(after, "ds2oai_streams_in_flight") == 0
 
 
@@ -84,12 +87,12 @@ async def test_token_counts_that_are_not_counts_are_ignored(
             await resp.read()
     after = await scrape(client, server.make_url("/metrics"))
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
-
-    assert delta("ds2oai_requests_total", route="/v1/chat/completions", status="200") == 2
-    assert delta("ds2oai_tokens_total", model="deepseek-chat", direction="in") == 5
-    assert delta("ds2oai_tokens_total", model="deepseek-chat", direction="out") == 3
+    assert (
+        delta(before, after, "ds2oai_requests_total", route="/v1/chat/completions", status="200")
+        == 2
+    )
+    assert delta(before, after, "ds2oai_tokens_total", model="deepseek-chat", direction="in") == 5
+    assert delta(before, after, "ds2oai_tokens_total", model="deepseek-chat", direction="out") == 3
 
 
 async def test_made_up_model_names_do_not_become_metric_labels(
@@ -109,7 +112,7 @@ async def test_made_up_model_names_do_not_become_metric_labels(
     assert not [key for key in after if ("model", "made-up-1") in key[1]]
     out = "ds2oai_tokens_total"
     labels = {"model": "deepseek-chat", "direction": "out"}
-    assert value(after, out, **labels) - value(before, out, **labels) == 4
+    assert delta(before, after, out, **labels) == 4
 
 
 async def test_broken_stream_is_counted_by_outcome(
@@ -126,10 +129,7 @@ async def test_broken_stream_is_counted_by_outcome(
         await resp.read()
     after = await scrape(client, server.make_url("/metrics"))
     key = {"dialect": "spec", "outcome": "upstream_broken"}
-    assert (
-        value(after, "ds2oai_streams_total", **key) - value(before, "ds2oai_streams_total", **key)
-        == 1
-    )
+    assert delta(before, after, "ds2oai_streams_total", **key) == 1
 
 
 async def test_queue_wait_is_measured_from_upstream_keepalives_to_first_chunk(
@@ -155,8 +155,8 @@ async def test_queue_wait_is_measured_from_upstream_keepalives_to_first_chunk(
     after = await scrape(client, server.make_url("/metrics"))
     count = "ds2oai_upstream_queue_wait_seconds_count"
     total = "ds2oai_upstream_queue_wait_seconds_sum"
-    assert value(after, count) - value(before, count) == 1
-    assert value(after, total) - value(before, total) >= 0.55
+    assert delta(before, after, count) == 1
+    assert delta(before, after, total) >= 0.55
 
 
 async def test_downstream_keepalive_comments_while_the_upstream_is_silent(
