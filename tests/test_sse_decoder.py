@@ -248,6 +248,15 @@ def test_decoder_rejects_a_data_line_over_max_event_bytes() -> None:
         decoder.feed(b"data: " + b"a" * 100 + b"\n\n")
 
 
+@pytest.mark.parametrize("method", ["feed", "feed_raw"])
+@pytest.mark.parametrize("after", [b"", b"data: 1\n\n", b"data: 1\n\ndata: 2"])
+def test_decoder_rejects_a_whole_event_over_max_event_bytes(method: str, after: bytes) -> None:
+    # feed_raw takes runs of whole events in bulk; an oversized one among them still raises.
+    decoder = SSEDecoder(max_event_bytes=64)
+    with pytest.raises(SSEDecodeError):
+        getattr(decoder, method)(b"data: " + b"a" * 100 + b"\n\n" + after)
+
+
 def test_decoder_rejects_an_unterminated_line_over_max_event_bytes_without_waiting() -> None:
     decoder = SSEDecoder(max_event_bytes=64)
     decoder.feed(b"data: " + b"a" * 40)
@@ -394,6 +403,8 @@ _LINES = st.sampled_from(
         b"data: \xc3\xa9\xff\n\n",
         b"retry: 5\n\n",
         b"data:\n\n",
+        b"data: half\nignored-field\n\n",
+        b"data: data: \n\n",
     ]
 )
 

@@ -324,6 +324,11 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
             raise val
         raise typ
 
+    async def aclose(self) -> None:
+        # Overridden: the mixin's throws GeneratorExit into `athrow` and catches it again, once
+        # per answer; this ends the body the same way without the exception.
+        self._end()
+
     def __del__(self) -> None:
         # A body some stage dropped without closing: do what closing it would have done (at
         # interpreter exit the loop may be gone; nothing is left to protect then).
