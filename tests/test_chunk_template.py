@@ -25,6 +25,13 @@ from tests.conftest import make_exchange
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
 
 
+def _escaped_key_text(text: str, *, elsewhere: str) -> bytes:
+    """A text chunk whose delta key is `cont\\u0065nt`, with a plain `"content"` elsewhere."""
+    raw = payload(text, z={"content": elsewhere}).replace(b'"content": "', b'"cont\\u0065nt": "', 1)
+    assert raw.count(b'"content"') == 1
+    return raw
+
+
 def payload(content: Any = "hi", *, finish: Any = None, **extra: Any) -> bytes:
     choice = {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
     return json.dumps({**BASE, "choices": [choice], "usage": None, **extra}).encode()
@@ -87,6 +94,11 @@ def test_anything_but_a_plain_text_chunk_does_not_match(other: bytes | str) -> N
         # "content" twice: the parser keeps the last one, a template would see the first
         payload("x").replace(b'"content": "x"', b'"content": "a", "content": "b"'),
         json.dumps({**BASE, "note": "content", "choices": [{"delta": {"content": "x"}}]}).encode(),
+        # The one raw "content" key is not the text's: the text's key is written with an escape.
+        # The probe then lands elsewhere (1), or elsewhere while the text itself reads like
+        # the probe, so only the whole-document comparison tells (2).
+        _escaped_key_text("x", elsewhere="\x01probe \u00e9"),  # (1)
+        _escaped_key_text("\x01probe \u00e9", elsewhere="x"),  # (2)
         # valid JSON over two lines: no one-line `data:` event could carry it
         payload("x").replace(b", ", b",\n", 1),
         payload("x").replace(b", ", b",\r", 1),

@@ -19,9 +19,10 @@ the template changes speed, never meaning.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ds2oai import jsonutil
-from ds2oai.events import Chunk, parse_upstream_event
+from ds2oai.events import Chunk
 
 __all__ = ["TextTemplate"]
 
@@ -82,18 +83,20 @@ class TextTemplate:
         literal = _LITERAL.match(payload, key.end())
         if literal is None:
             return None
-        template = cls(payload[: literal.start()], payload[literal.end() :])
+        prefix, suffix = payload[: literal.start()], payload[literal.end() :]
         # Prove the text sits at choices[0].delta.content and nowhere else: the same bytes with
-        # another text must parse to the same chunk with only that text changed.
-        probe = parse_upstream_event(
-            (template.prefix + jsonutil.dumps(_PROBE) + template.suffix).decode()
-        )
-        if not isinstance(probe, Chunk) or probe.content != _PROBE:
+        # another text must be the same JSON document with only that text changed.
+        try:
+            probe = jsonutil.loads(prefix + jsonutil.dumps(_PROBE) + suffix)
+            delta = _delta(probe)
+        except (jsonutil.JSONDecodeError, LookupError, TypeError):
             return None
-        probe.content = chunk.content
-        if probe != chunk:  # `raw` is left out of the comparison
+        if type(delta) is not dict or delta.get("content") != _PROBE:
             return None
-        return template
+        delta["content"] = chunk.content
+        if probe != chunk.raw:  # the whole document, fields no `Chunk` keeps included
+            return None
+        return cls(prefix, suffix)
 
     def match(self, payload: bytes) -> bytes | None:
         """The text of `payload` as a JSON string literal when it fits the template."""
@@ -121,6 +124,14 @@ class TextTemplate:
         if _LITERALS.fullmatch(joined) is not None and _utf8(joined):
             return literals
         return None
+
+
+def _delta(obj: Any) -> Any:
+    """Where `parse_upstream_event` takes a chunk's text from: choices[0].delta, or its
+    `message` when `delta` is not an object."""
+    choice = obj["choices"][0]
+    delta = choice.get("delta")
+    return delta if type(delta) is dict else choice.get("message")
 
 
 def _one_line(data: bytes) -> bool:
