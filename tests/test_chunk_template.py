@@ -64,6 +64,9 @@ def test_learns_and_matches_the_same_chunk_with_other_text() -> None:
         payload("x").replace(b'"x"', b'"a", "reasoning_content": "b"'),
         payload("x").replace(b'"x"', b'"a\\qb"'),  # invalid escape
         payload("x").replace(b'"x"', b'"a\\u12"'),  # short \u escape
+        payload("x").replace(b'"x"', b'"\\ud83d"'),  # a lone high surrogate
+        payload("x").replace(b'"x"', b'"\\ude00 "'),  # a lone low surrogate
+        payload("x").replace(b'"x"', b'"\\ude00\\ud83d"'),  # a pair the wrong way round
         payload("x").replace(b'"x"', b'"a\tb"'),  # raw control character
         payload("x").replace(b'"x"', b'"a\xff"'),  # invalid UTF-8
         payload("x").replace(b'"x"', b'"a"b"'),  # unescaped quote
@@ -99,6 +102,9 @@ def test_anything_but_a_plain_text_chunk_does_not_match(other: bytes | str) -> N
         # the probe, so only the whole-document comparison tells (2).
         _escaped_key_text("x", elsewhere="\x01probe \u00e9"),  # (1)
         _escaped_key_text("\x01probe \u00e9", elsewhere="x"),  # (2)
+        # (3) The text is the probe itself, from an escaped duplicate key that overrides the
+        # plain one: finding the probe there would prove nothing, so another probe is used.
+        payload("Hi").replace(b'"Hi"', b'"Hi", "c\\u006fntent": "\\u0001probe \\u00e9"'),
         # valid JSON over two lines: no one-line `data:` event could carry it
         payload("x").replace(b", ", b",\n", 1),
         payload("x").replace(b", ", b",\r", 1),
@@ -126,10 +132,14 @@ def _client_bytes(
     return b"".join(out)
 
 
-texts = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from('"\\\n'),
+texts = st.lists(
+    st.characters(codec="utf-8", exclude_categories=["Cs"])
+    | st.sampled_from('"\\\n')
+    # Lone surrogates (`st.text` never draws them): `json.dumps` writes them as `\u` escapes,
+    # which orjson refuses; the byte path must skip such a chunk as the parsed path does.
+    | st.sampled_from("\ud800\udbff\udc00\udfff"),
     max_size=6,
-)
+).map("".join)
 frame_kinds = st.sampled_from(["text", "text", "text", "role", "finish", "usage", "comment"])
 
 

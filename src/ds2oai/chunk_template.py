@@ -31,12 +31,19 @@ __all__ = ["TextTemplate"]
 # template's document with another text in it. The quantifiers are possessive: with plain
 # ones `re` keeps a backtracking entry per character (~100 bytes each, measured: 390 MB for a
 # 4 MB run) and is 10x slower.
-_LITERAL = re.compile(rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+"')
+# A `\u` escape of a UTF-16 surrogate is valid only as a high one followed by a low one: a
+# lone or reversed one is JSON orjson refuses, so the parsed path would skip that chunk.
+_LITERAL = re.compile(
+    rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]'
+    rb"|\\u(?:(?![dD][89a-fA-F])[0-9a-fA-F]{4}"
+    rb"|[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}))*+\""
+)
 # Many literals joined by LF, checked in one call: LF cannot occur inside a valid literal, so
 # the separators fix where each one starts and ends.
 _LITERALS = re.compile(_LITERAL.pattern + rb"(?:\n" + _LITERAL.pattern + rb")*+")
 _CONTENT_KEY = re.compile(rb'"content"\s*:\s*')
 _PROBE = "\x01probe \u00e9"
+_OTHER_PROBE = "\x02probe \u00fc"  # for a chunk whose own text is `_PROBE`
 
 
 class TextTemplate:
@@ -85,13 +92,16 @@ class TextTemplate:
             return None
         prefix, suffix = payload[: literal.start()], payload[literal.end() :]
         # Prove the text sits at choices[0].delta.content and nowhere else: the same bytes with
-        # another text must be the same JSON document with only that text changed.
+        # another text must be the same JSON document with only that text changed. The probe
+        # must differ from the chunk's own text, or finding it there would prove nothing (the
+        # literal might sit under a key that a later duplicate overrides).
+        text = _PROBE if chunk.content != _PROBE else _OTHER_PROBE
         try:
-            probe = jsonutil.loads(prefix + jsonutil.dumps(_PROBE) + suffix)
+            probe = jsonutil.loads(prefix + jsonutil.dumps(text) + suffix)
             delta = _delta(probe)
         except (jsonutil.JSONDecodeError, LookupError, TypeError):
             return None
-        if type(delta) is not dict or delta.get("content") != _PROBE:
+        if type(delta) is not dict or delta.get("content") != text:
             return None
         delta["content"] = chunk.content
         if probe != chunk.raw:  # the whole document, fields no `Chunk` keeps included
