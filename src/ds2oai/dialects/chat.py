@@ -34,6 +34,7 @@ class ChatDialect(ChunkDialect):
         "_id",
         "_include_usage",
         "_model",
+        "_text_glue",
         "_text_head",
         "_text_tail",
         "_usage",
@@ -49,6 +50,7 @@ class ChatDialect(ChunkDialect):
         self._usage: dict[str, Any] | None = None
         self._text_head = b""
         self._text_tail = b""
+        self._text_glue = b""
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -80,6 +82,7 @@ class ChatDialect(ChunkDialect):
                 b'},"logprobs":null,"finish_reason":null}]' + head[cut + 12 :] + b"\n\n"
             )
             self._text_head = b"data: " + self._text_head
+            self._text_glue = self._text_tail + self._text_head
         if self._state is State.FINISHING or not chunk.has_choice:
             return b""  # usage-only chunks are re-emitted in OpenAI form at the end
         finish = chunk.finish_reason
@@ -127,9 +130,9 @@ class ChatDialect(ChunkDialect):
         return encode_data(jsonutil.dumps(self._envelope([choice])))
 
     def _text(self, literals: list[bytes]) -> bytes:
-        return (
-            self._text_head + (self._text_tail + self._text_head).join(literals) + self._text_tail
-        )
+        if len(literals) == 1:  # a paced stream's usual read: no join
+            return self._text_head + literals[0] + self._text_tail
+        return self._text_head + self._text_glue.join(literals) + self._text_tail
 
     def _completed(self) -> bytes:
         out = b""

@@ -84,6 +84,9 @@ class SpecDialect(ChunkDialect):
 
     def _text(self, literals: list[bytes]) -> bytes:
         head = self._delta_head
+        if len(literals) == 1:  # a paced stream's usual read: no join, no scan
+            literal = literals[0]
+            return b"" if literal == b'""' else head + literal + b"}\n\n"
         # One join for the run; an empty text makes no event (as in `_chunk`).
         out = head + (b"}\n\n" + head).join(literals) + b"}\n\n"
         if out.find(b'""}') >= 0:
