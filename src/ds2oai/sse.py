@@ -32,18 +32,15 @@ _BOM = b"\xef\xbb\xbf"
 _FAST_TAIL = 64 * 1024  # above this an unfinished event is handed to the indexed line scanner
 
 
-def _data_run(data: bytes) -> list[bytes] | None:
-    """The payloads when `data` (LF-only, starting with `data: `) is whole one-line `data:`
-    events, maybe followed by an unfinished event without a blank line; else None.
+def _data_run(data: bytes, end: int) -> list[bytes] | None:
+    """The payloads when `data[:end]` (LF-only, starting with `data: `, `end` at its last
+    blank line) is whole one-line `data:` events; else None.
 
     One split on the separator between two such events takes every payload at once, and the
     events are one-line exactly when no LF is left inside a payload. Measured on a 50-chunk
     answer read at once: 8.5 us, against 19 us for splitting at blank lines and then checking
     and slicing each block.
     """
-    end = data.rfind(b"\n\n")
-    if end < 0:
-        return None
     payloads = data[6:end].split(b"\n\ndata: ")
     # `bytes.count` of one byte walks it byte by byte; a join and a memchr are 5x faster.
     if b"".join(payloads).find(b"\n") >= 0:
@@ -153,27 +150,23 @@ class SSEDecoder:
             # the usual one-line `data:` event costs one split and one slice. The tail keeps
             # any incomplete event for the next feed.
             data = bytes(buf)
-            if raw and data.startswith(b"data: ") and len(data) <= self._max_event_bytes:
-                payloads = _data_run(data)
-                if payloads is not None:
-                    out += payloads
-                    tail = data[data.rfind(b"\n\n") + 2 :]
-                    buf[:] = tail
-                    self._scan = 0
-                    if len(tail) <= _FAST_TAIL and tail.find(b"\n") < 0:
-                        return out
-                    data = tail  # complete lines of an unfinished event: scanned below
-            blocks = _BLANK_LINE.split(data)
-            tail = blocks.pop()
-            if raw and len(data) <= self._max_event_bytes and data.count(b"\n") == 2 * len(blocks):
-                # Every LF is part of a separator, so every event is one line: when they are all
-                # `data:` lines, one pass takes their payloads.
-                payloads = [block[6:] for block in blocks if block[:6] == b"data: "]
-                if len(payloads) == len(blocks):
-                    out += payloads
-                    blocks = []
-            for block in blocks:  # what the one pass above did not take (mixed reads)
-                self._block(block, out, raw)
+            end = data.rfind(b"\n\n")
+            payloads = (
+                _data_run(data, end)
+                if raw
+                and end > 0
+                and data.startswith(b"data: ")
+                and len(data) <= self._max_event_bytes
+                else None
+            )
+            if payloads is not None:  # every whole event a one-line `data:` event
+                out += payloads
+                tail = data[end + 2 :]
+            else:  # mixed reads: event by event
+                blocks = _BLANK_LINE.split(data)
+                tail = blocks.pop()
+                for block in blocks:
+                    self._block(block, out, raw)
             buf[:] = tail
             self._scan = 0
             if len(tail) <= _FAST_TAIL and tail.find(b"\n") < 0:
