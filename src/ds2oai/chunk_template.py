@@ -19,10 +19,9 @@ the template changes speed, never meaning.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from ds2oai import jsonutil
-from ds2oai.events import Chunk
+from ds2oai.events import Chunk, choice_delta
 
 __all__ = ["TextTemplate"]
 
@@ -50,9 +49,8 @@ class TextTemplate:
     __slots__ = ("_event_prefix", "_event_suffix", "_start", "_stop", "prefix", "suffix")
 
     def __init__(self, prefix: bytes, suffix: bytes) -> None:
+        # Only `learn()` builds one, from a one-line payload: prefix and suffix hold no line end.
         assert suffix, "a JSON object always ends after its last string"
-        assert _one_line(prefix), "learned from one-line payloads only"
-        assert _one_line(suffix), "learned from one-line payloads only"
         # Read-only: a caller may test `startswith(prefix)` and `endswith(suffix)` itself in a
         # hot loop, then hand the payloads that pass to `literals()`.
         self.prefix = prefix
@@ -98,8 +96,9 @@ class TextTemplate:
         text = _PROBE if chunk.content != _PROBE else _OTHER_PROBE
         try:
             probe = jsonutil.loads(prefix + jsonutil.dumps(text) + suffix)
-            delta = _delta(probe)
-        except (jsonutil.JSONDecodeError, LookupError, TypeError):
+            # Where `parse_upstream_event` takes the text from, by the same function.
+            delta = choice_delta(probe["choices"][0])
+        except (jsonutil.JSONDecodeError, LookupError, TypeError, AttributeError):
             return None
         if type(delta) is not dict or delta.get("content") != text:
             return None
@@ -134,14 +133,6 @@ class TextTemplate:
         if _LITERALS.fullmatch(joined) is not None and _utf8(joined):
             return literals
         return None
-
-
-def _delta(obj: Any) -> Any:
-    """Where `parse_upstream_event` takes a chunk's text from: choices[0].delta, or its
-    `message` when `delta` is not an object."""
-    choice = obj["choices"][0]
-    delta = choice.get("delta")
-    return delta if type(delta) is dict else choice.get("message")
 
 
 def _one_line(data: bytes) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "ToolCallDelta",
     "UpstreamErrorEvent",
     "UpstreamEvent",
+    "choice_delta",
     "parse_upstream_event",
 ]
 
@@ -124,6 +125,13 @@ def _tool_calls(value: Any) -> tuple[ToolCallDelta, ...]:
     return tuple(calls)
 
 
+def choice_delta(choice: dict[str, Any]) -> Any:
+    """Where a choice's text is: its `delta`, or its `message` when `delta` is not an object
+    (a non-stream shaped chunk, tolerated). Not checked further: the caller decides."""
+    d = choice.get("delta")
+    return d if isinstance(d, dict) else choice.get("message")
+
+
 def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     """Normalize one upstream SSE data payload."""
     if data.startswith("[DONE]"):
@@ -148,9 +156,7 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     if not isinstance(choice, dict):
         choice = None
     else:
-        d = choice.get("delta")
-        if not isinstance(d, dict):
-            d = choice.get("message")  # tolerate a non-stream shaped chunk
+        d = choice_delta(choice)
         delta = d if isinstance(d, dict) else {}
         finish = _str_or_none(choice.get("finish_reason"))
     usage = obj.get("usage")
