@@ -27,6 +27,7 @@ from ds2oai.metrics import MIDDLEWARE_SECONDS, observe
 
 __all__ = [
     "Body",
+    "Downstream",
     "Exchange",
     "LastChunk",
     "Middleware",
@@ -39,6 +40,31 @@ __all__ = [
 ]
 
 Body = AsyncGenerator[bytes, None]
+
+
+class Downstream(Protocol):
+    """The client's connection, which the sink offers to the body it reads.
+
+    The sink sends it with every pull after the first (`body.asend(downstream)`). An async
+    generator that does not look at what its `yield` returns ignores it, so a body some stage
+    wrapped never sees it and everything goes through the sink as usual. A body that takes it
+    may write items straight to the client while the sink waits on the pull: they go out in
+    order, after the item the sink wrote last and before the one the pull returns. `reframe`
+    does this for paced text chunks (see `http1.Response.splice`).
+    """
+
+    @property
+    def blocked(self) -> bool:
+        """The client is gone or is not keeping up: hand items to the sink, which waits."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """One item, framed as the sink frames its writes, written at once."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough of what was written."""
+        ...
 
 
 class LastChunk(bytes):

@@ -177,6 +177,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
+        self._tap: Callable[[bytes], bool] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -202,6 +203,23 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             self._close_transport()
             return
+        tap = self._tap
+        if tap is not None:
+            parts = self._parts
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                try:
+                    taken = tap(data)
+                except Exception:
+                    # Declined instead: the reader's task meets the same bytes on its usual
+                    # path, where a failure is handled, logged and answered as such.
+                    taken = False
+                if taken:
+                    parts.clear()
+                    self._size = 0
+            if not parts and not self._complete:
+                return  # taken, or only chunk framing came: the spliced reader sleeps on
+        # Left here: bytes the tap declined, the end, or a plain reader's bytes.
         if self._size > _HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
@@ -332,6 +350,7 @@ class _Connection(asyncio.Protocol):
         """Between answers: no timer, no parser, nothing buffered, reading on."""
         self._cancel_timer()
         self._parser = None
+        self._tap = None
         self._parts.clear()
         self._size = 0
         if self._paused:  # a whole answer left mostly unread had paused the socket
@@ -358,7 +377,19 @@ class _Connection(asyncio.Protocol):
             self._error = error
         self._wake()
 
+    def splice(self, tap: Callable[[bytes], bool]) -> asyncio.Future[None] | None:
+        """See `Response.splice`."""
+        if self._parts or self._complete or self._error is not None or self._paused:
+            return None
+        self._tap = tap
+        return self._wait()  # armed like a read's: the read timeout runs
+
+    def unsplice(self) -> None:
+        self._tap = None
+        self._waiter = None  # resolved already, or cancelled: nobody waits on it now
+
     def _wake(self) -> None:
+        self._tap = None  # whoever waited takes over from the tap (see splice)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -427,6 +458,28 @@ class Response:
         if self._inflate is not None:
             return self._inflate.read()
         return self._conn.read()
+
+    def splice(self, tap: Callable[[bytes], bool]) -> asyncio.Future[None] | None:
+        """Hand the body to `tap` from the connection's own read callback, read by read.
+
+        `tap(data)` returns True when it took the bytes (they are gone) or False to decline
+        them, which ends the splice with the bytes left for `read()`; so does the end of the
+        answer, a failure, `close()` or the read timeout (the next `read()` then says which).
+        The returned future resolves when the splice ends; its waiter must call `unsplice()`
+        after it, cancelled or not. None when there is nothing to splice: bytes already wait
+        for `read()`, the answer is over, compressed, or reading is paused.
+
+        Why: a paced stream sends one event per network read. Taking each on the callback
+        spares a future, a task step and the resumption of the reader's await chain per event.
+        """
+        if self._done or self._inflate is not None:
+            return None
+        return self._conn.splice(tap)
+
+    def unsplice(self) -> None:
+        """End a splice (idempotent): from now on bytes wait for `read()` again."""
+        if not self._done:
+            self._conn.unsplice()
 
     def release(self) -> None:
         """Done with it: back to the pool if the whole answer is in (read or not), else close.

@@ -4,8 +4,10 @@ A request becomes an `Exchange` (body read with a size limit, validated, mapped)
 the chain folded once at start-up, and the resulting `Reply` is written by the sink: a complete
 body as one `web.Response`; a streamed body by pulling its first item *before* `prepare()` (so
 a failure up to then is still a plain HTTP error), then writing each item as it comes and
-draining, which makes a slow client slow the upstream read. A client that goes away cancels the
-handler (`handler_cancellation`), and closing the body closes the upstream connection at once.
+draining, which makes a slow client slow the upstream read. With each pull the sink offers the
+body the client's connection (`chain.Downstream`), for writes made while it waits on that pull.
+A client that goes away cancels the handler (`handler_cancellation`), and closing the body
+closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import random
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
+from aiohttp.web_protocol import RequestHandler
 
 from ds2oai import __version__, jsonutil, metrics
-from ds2oai.chain import Exchange, LastChunk, Next, Reply, Trace, build_middleware, fold
+from ds2oai.chain import Downstream, Exchange, LastChunk, Next, Reply, Trace, build_middleware, fold
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
@@ -254,6 +258,51 @@ class _StreamedReply(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _Downstream:
+    """`chain.Downstream` over aiohttp's own writer: the transport it writes to, its framing.
+
+    Written only between the sink's writes (while it waits on a pull), so the writer's own
+    state (headers sent, not at EOF) holds throughout; its byte counters are not kept, as
+    nothing here reads them. `blocked` is the transport closing or past its high-water mark
+    (`writing_paused`), after which `drain()` is the writer's own wait.
+    """
+
+    __slots__ = ("_chunked", "_protocol", "_transport", "_writer")
+
+    def __init__(self, protocol: RequestHandler, writer: StreamWriter, transport: Any) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self._writer = writer
+        self._chunked = writer.chunked
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._transport.is_closing()) or self._protocol.writing_paused
+
+    def write(self, data: bytes) -> None:
+        if self._chunked:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+
+def _downstream(
+    request: web.Request, response: web.StreamResponse, writer: object
+) -> _Downstream | None:
+    """The client's connection for the body to write to directly, when the response is written
+    by aiohttp's own `StreamWriter` as bytes framed (or not) by HTTP/1.1 itself; None when it
+    is compressed or written some other way."""
+    if type(writer) is not StreamWriter or response.compression:
+        return None
+    transport = writer.transport
+    if transport is None:
+        return None
+    return _Downstream(request.protocol, writer, transport)
+
+
 def _client_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
 
@@ -284,7 +333,10 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             first = None
         response = _StreamedReply(status=reply.status, headers=headers)
         request[_PREPARED] = True
-        await response.prepare(request)
+        stream_writer = await response.prepare(request)
+        direct = _downstream(request, response, stream_writer)
+        # Every body takes a sent value (async generators ignore it); see chain.Downstream.
+        pull = cast("AsyncGenerator[bytes, Downstream | None]", body).asend
         trace.first_byte_at = time.monotonic()
         metrics.inc(metrics.IN_FLIGHT)
         in_flight = True
@@ -307,7 +359,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                     item = ahead
                     continue
                 try:  # not anext(body, None): its wrapper is one more frame per event
-                    item = await body.__anext__()
+                    item = await pull(direct)
                 except StopAsyncIteration:
                     item = None
             else:

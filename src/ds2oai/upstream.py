@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -287,6 +287,20 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
     def ready(self) -> bool:
         """Bytes are in: the next read returns without waiting."""
         return self._response.ready
+
+    async def splice(self, tap: Callable[[bytes], bool]) -> None:
+        """Let `tap` take the body's reads as they arrive (`http1.Response.splice`), until it
+        declines one or the answer ends or fails; then the next read returns what is left, the
+        end, or the error. Returns at once when bytes are already waiting. Safe to cancel."""
+        if self._done:
+            return
+        waiter = self._response.splice(tap)
+        if waiter is None:
+            return
+        try:
+            await waiter
+        finally:
+            self._response.unsplice()
 
     async def asend(self, value: None) -> bytes:
         return await self.__anext__()

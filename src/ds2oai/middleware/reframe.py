@@ -8,6 +8,10 @@ template) and fed to the exchange's dialect, yielding one write per upstream rea
 before the first downstream byte is raised as a `ClientError` (a plain HTTP error); after it,
 the dialect ends the stream with its terminal error event. Non-JSON chunks are skipped and
 logged with the request id. `"stream": false` collects the whole answer into one JSON object.
+When the sink offers the client's connection (`chain.Downstream`) and the upstream sends one
+plain text chunk per read (a paced stream), those reads are re-framed and written from the
+upstream connection's read callback (`_tap`) until one is anything else; the bytes and their
+order are what this loop would have yielded.
 Until the first event goes out (DeepSeek queues requests, sending only `: keep-alive`), an SSE
 comment goes downstream every `server.keepalive_interval` seconds so proxies do not cut the
 client, whether or not the upstream sends comments of its own.
@@ -21,11 +25,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
 from ds2oai import jsonutil
-from ds2oai.chain import Body, Exchange, LastChunk, Next, Reply, single
+from ds2oai.chain import Body, Downstream, Exchange, LastChunk, Next, Reply, single
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
@@ -170,6 +174,29 @@ async def _next(body: Body) -> bytes | None:
         return None
 
 
+def _tap(reader: EventReader, dialect: Dialect, downstream: Downstream) -> Callable[[bytes], bool]:
+    """What the loop below does with a read that is one plain text chunk, as a callback for the
+    upstream connection (`UpstreamBody.splice`): the dialect's bytes go straight to the client.
+    Anything else is declined and left to the loop, as is everything while the client is gone
+    or slow (the sink's writes wait for it; these cannot)."""
+    text_literal = reader.text_literal
+    feed_text = dialect.feed_text
+    write = downstream.write
+
+    def tap(data: bytes) -> bool:
+        if downstream.blocked:
+            return False
+        literal = text_literal(data)
+        if literal is None:
+            return False
+        produced = feed_text(literal)
+        if produced:
+            write(produced)
+        return True
+
+    return tap
+
+
 class Reframe:
     name = "reframe"
 
@@ -297,7 +324,7 @@ class Reframe:
 
     async def _stream(
         self, exchange: Exchange, body: Body, dialect: Dialect, call_next: Next
-    ) -> Body:
+    ) -> AsyncGenerator[bytes, Downstream | None]:
         progress = Progress() if self._resume is not None else None
         # Resume needs every chunk's text (Progress), so it keeps the parsed path.
         reader = EventReader(
@@ -306,6 +333,7 @@ class Reframe:
         sent = False  # any byte went downstream: failures are events from now on
         started = False  # the dialect produced output: no more keep-alive comments
         pending: asyncio.Task[bytes | None] | None = None
+        downstream: Downstream | None = None  # offered by the sink (chain.Downstream)
         # The keep-alive clock runs from the last byte the client got: upstream reads that
         # produce nothing (its own comments) do not reset it. `time.monotonic()` is the loops'
         # own clock (asyncio's and libuv's); Python 3.11's get_running_loop() costs a getpid().
@@ -360,7 +388,15 @@ class Reframe:
                     produced = dialect.feed_text(literal)
                     if produced:
                         sent = started = True
-                        yield produced
+                        offered = yield produced
+                        if offered is not None:
+                            downstream = offered
+                    if downstream is not None and type(body) is UpstreamBody:
+                        # Reads like this one probably follow: the upstream connection hands
+                        # them to the client itself until one is not (or the client lags).
+                        await body.splice(_tap(reader, dialect, downstream))
+                        if downstream.blocked:
+                            await downstream.drain()
                     continue
                 parts: list[bytes] = []  # joined once: `+=` would copy the growing write
                 resumed: Body | None = None

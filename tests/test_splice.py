@@ -1,0 +1,428 @@
+"""Paced text chunks written from the upstream connection's read callback (the splice).
+
+`reframe` hands a paced stream's plain text chunks to `http1.Response.splice` once the sink has
+offered the client's connection (`chain.Downstream`). These tests hold it to what the usual
+path guarantees: the same bytes in the same order on both routes, every way a stream can break
+while spliced, timeouts, a client that leaves or lags, HTTP/1.0 framing, and a body wrapped by
+another stage never bypassed. The first tests drive `http1` directly against raw servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from ds2oai import http1
+from ds2oai.dialects.spec import SpecDialect
+from ds2oai.event_reader import EventReader
+from ds2oai.middleware.reframe import _tap
+from ds2oai.server import create_app
+from ds2oai.upstream import UpstreamBody
+from tests.conftest import ROOT, GatewayFactory, make_exchange
+from tests.fault_upstream import (
+    Close,
+    FaultUpstream,
+    Hang,
+    Reset,
+    sse_script,
+    text_events,
+)
+from tests.loopback import RawServer, chunk
+from tests.sse_client import Event, parse_events, read_events, spec_text
+from tests.test_extras import write_config
+from tests.test_http1 import OK_CHUNKED, Reader, Writer, read_request
+
+TOKENS = [f"t{i}é " for i in range(12)]  # distinct: a lost or repeated one shows
+TEXT = "".join(TOKENS)
+PACE = 0.03  # seconds between upstream events: one event per network read
+BROKEN = {
+    "type": "upstream_stream_broken",
+    "message": "Upstream SSE connection closed unexpectedly",
+}
+
+
+# ------------------------------------------------------------------------------ http1 itself
+
+
+def paced(*parts: bytes, hang: bool = False, pause: float = PACE) -> RawServer:
+    """A server answering one request with a chunked head, then each part as its own HTTP
+    chunk `pause` apart, then the terminator (or nothing more, with `hang`)."""
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_CHUNKED)
+        for part in parts:
+            await asyncio.sleep(pause)
+            writer.write(chunk(part))
+            await writer.drain()
+        if hang:
+            await reader.read()
+        else:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+
+    return RawServer(handle, grace=0.1)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[http1.Pool]:
+    p = http1.Pool(limit=4, keepalive=30.0)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def read(response: http1.Response) -> bytes:
+    return await asyncio.wait_for(response.read(), 5)  # a stray tap would take it: no hang
+
+
+def taking(until: bytes | None = None) -> tuple[list[bytes], Callable[[bytes], bool]]:
+    """A tap that takes every read (until one starting with `until`) and records it."""
+    taken: list[bytes] = []
+
+    def tap(data: bytes) -> bool:
+        if until is not None and data.startswith(until):
+            return False
+        taken.append(data)
+        return True
+
+    return taken, tap
+
+
+async def test_splice_takes_each_read_and_leaves_the_declined_one_for_read(
+    pool: http1.Pool,
+) -> None:
+    async with paced(b"one", b"two", b"stop", b"after") as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        taken, tap = taking(until=b"stop")
+        waiter = response.splice(tap)
+        assert waiter is not None
+        await asyncio.wait_for(waiter, 5)
+        response.unsplice()
+        assert taken == [b"one", b"two"]
+        assert await read(response) == b"stop"  # the declined read, whole, not lost
+        assert await read(response) == b"after"  # nothing taken once the splice ended
+        assert await read(response) == b""
+        assert taken == [b"one", b"two"]
+
+
+async def test_splice_ends_with_the_answer(pool: http1.Pool) -> None:
+    async with paced(b"one", b"two") as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        taken, tap = taking()
+        waiter = response.splice(tap)
+        assert waiter is not None
+        await asyncio.wait_for(waiter, 5)
+        response.unsplice()
+        assert taken == [b"one", b"two"]
+        assert await read(response) == b""
+        response.release()
+        assert pool.idle_connections == 1  # a whole answer: back in the pool
+
+
+async def test_splice_is_refused_while_bytes_wait_for_read(pool: http1.Pool) -> None:
+    async with paced(b"one", b"two", pause=0.0) as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        await asyncio.sleep(0.2)  # everything has arrived, unread
+        taken, tap = taking()
+        assert response.splice(tap) is None
+        assert await read(response) == b"onetwo"
+        assert taken == []
+
+
+async def test_silence_while_spliced_is_the_read_timeout(pool: http1.Pool) -> None:
+    async with paced(b"one", hang=True) as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}", read_timeout=0.3)
+        taken, tap = taking()
+        waiter = response.splice(tap)
+        assert waiter is not None
+        started = time.monotonic()
+        await asyncio.wait_for(waiter, 5)
+        response.unsplice()
+        assert 0.25 < time.monotonic() - started < 2
+        assert taken == [b"one"]
+        with pytest.raises(http1.ReadTimeout):
+            await read(response)
+
+
+async def test_a_tap_that_raises_declines_the_read(pool: http1.Pool) -> None:
+    async with paced(b"one", b"two") as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+
+        def tap(data: bytes) -> bool:
+            raise ValueError("a bug in the tap")
+
+        waiter = response.splice(tap)
+        assert waiter is not None
+        await asyncio.wait_for(waiter, 5)
+        response.unsplice()
+        assert await read(response) == b"one"  # left for the usual path, which reports it
+
+
+async def test_a_cancelled_splice_takes_nothing_more(pool: http1.Pool) -> None:
+    async with paced(b"one", b"two", pause=0.2) as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        taken, tap = taking()
+        waiter = response.splice(tap)
+        assert waiter is not None
+        waiter.cancel()
+        response.unsplice()
+        assert await read(response) == b"one"
+        assert await read(response) == b"two"
+        assert taken == []
+
+
+async def test_closing_while_spliced_wakes_the_waiter(pool: http1.Pool) -> None:
+    async with paced(b"one", hang=True) as server:
+        response = await pool.request("POST", server.url + "/", body=b"{}")
+        taken, tap = taking()
+        waiter = response.splice(tap)
+        assert waiter is not None
+        await asyncio.sleep(0.2)
+        assert taken == [b"one"]
+        pool.abort()  # shutdown: every connection goes
+        await asyncio.wait_for(waiter, 5)
+        response.unsplice()
+        with pytest.raises(http1.Disconnected):
+            await read(response)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every upstream read the gateway's tap took (wraps `UpstreamBody.splice`)."""
+    seen: list[bytes] = []
+    original = UpstreamBody.splice
+
+    async def spy(self: UpstreamBody, tap: Callable[[bytes], bool]) -> None:
+        def recording(data: bytes) -> bool:
+            took = tap(data)
+            if took:
+                seen.append(data)
+            return took
+
+        await original(self, recording)
+
+    monkeypatch.setattr(UpstreamBody, "splice", spy)
+    return seen
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def chat_text(events: list[Event]) -> str:
+    out = []
+    for e in events:
+        if e.data == "[DONE]":
+            continue
+        for choice in e.json().get("choices", []):
+            out.append(choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+async def test_paced_text_is_exact_on_the_spec_route(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    upstream_events = text_events(TOKENS)
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    server = await gateway(fault_upstream.url)
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert spec_text(events) == TEXT
+    assert [e.event for e in events].count("response.output_text.delta") == len(TOKENS)
+    assert events[-1].event == "response.completed"
+    assert events[-1].json()["usage"]["completion_tokens"] == len(TOKENS)
+    # The splice carried most of it (a stalled machine may merge a few reads: those go the
+    # usual way), and took only whole text events.
+    assert len(taken) >= len(TOKENS) // 2
+    assert set(taken) <= set(upstream_events[2:-2])
+
+
+async def test_paced_text_is_exact_on_the_chat_route(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    server = await gateway(fault_upstream.url)
+    url = server.make_url("/openai/v1/chat/completions")
+    async with client.post(url, json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert chat_text(events) == TEXT
+    assert events[-1].data == "[DONE]"
+    finishes = [c["finish_reason"] for e in events[:-1] for c in e.json()["choices"]]
+    assert finishes.count("stop") == 1
+    assert all(e.json()["model"] == "deepseek-chat" for e in events[:-1])
+    assert len(taken) >= len(TOKENS) // 2
+
+
+@pytest.mark.parametrize("end", [Close(), Reset()], ids=["truncated", "reset"])
+async def test_a_break_while_spliced_is_one_final_broken_event(
+    end: Any,
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS)[:-2], delay=PACE, end=end))
+    server = await gateway(fault_upstream.url)
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert spec_text(events) == TEXT  # every token came; the finish did not
+    assert events[-1].event == "response.error"
+    assert events[-1].json() == BROKEN
+    assert [e.event for e in events].count("response.error") == 1
+    assert "response.completed" not in [e.event for e in events]
+    assert taken
+
+
+async def test_silence_while_spliced_ends_with_a_timeout_event(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS)[:6], delay=PACE, end=Hang()))
+    server = await gateway(fault_upstream.url, upstream={"read_timeout": 0.5})
+    started = time.monotonic()
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert time.monotonic() - started < 4
+    assert spec_text(events) == "".join(TOKENS[:5])
+    assert events[-1].event == "response.error"
+    assert "timed out" in events[-1].json()["message"]
+    assert taken
+    await fault_upstream.wait_client_disconnect()
+
+
+async def test_a_client_leaving_while_spliced_closes_the_upstream_at_once(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS * 20), delay=PACE))
+    server = await gateway(fault_upstream.url)
+    resp = await client.post(server.make_url("/v1/chat/completions"), json=body(stream=True))
+    assert resp.status == 200
+    for _ in range(200):
+        if len(taken) >= 3:
+            break
+        await asyncio.sleep(0.02)
+    assert len(taken) >= 3  # spliced by now
+    resp.close()
+    started = time.monotonic()
+    await fault_upstream.wait_client_disconnect(timeout=3)
+    assert time.monotonic() - started < 2
+
+
+async def test_a_lagging_client_gets_every_byte_in_order(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    # 16 KiB tokens 2 ms apart while the client does not read: the path's buffers fill, the
+    # splice hands back to the sink (which waits), and nothing is dropped or repeated.
+    tokens = [f"{i:05d}" + "y" * 16 * 1024 for i in range(300)]
+    fault_upstream.queue(sse_script(text_events(tokens), delay=0.002))
+    server = await gateway(fault_upstream.url)
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        await r.content.readuntil(b"\n\n")
+        await asyncio.sleep(1.0)
+        rest = await r.read()
+    deltas = [
+        e.json()["delta"] for e in parse_events(rest) if e.event == "response.output_text.delta"
+    ]
+    assert deltas == tokens
+
+
+async def test_an_http_1_0_client_gets_the_unframed_stream(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, taken: list[bytes]
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    server = await gateway(fault_upstream.url)
+    payload = json.dumps(body(stream=True)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the body ends with the connection
+    writer.close()
+    head, _, stream = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"transfer-encoding" not in head.lower()
+    events = parse_events(stream)
+    assert spec_text(events) == TEXT
+    assert events[-1].event == "response.completed"
+    assert taken
+
+
+async def test_a_stage_wrapping_the_body_sees_every_byte(
+    tmp_path: Path, fault_upstream: FaultUpstream, aiohttp_server: Any, taken: list[bytes]
+) -> None:
+    log_path = tmp_path / "access.jsonl"
+    config = write_config(
+        tmp_path,
+        fault_upstream.url,
+        f'[middleware]\npaths = ["{ROOT}"]\n'
+        'chain = ["middleware.access_log:AccessLog", "auth", "retry", "reframe"]\n'
+        f'[middleware.access_log]\npath = "{log_path}"\n',
+    )
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    server = await aiohttp_server(create_app(config))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r,
+    ):
+        raw = await r.read()
+    assert spec_text(parse_events(raw)) == TEXT
+    assert json.loads(log_path.read_text())["bytes"] == len(raw)  # it counted every write
+    assert taken == []  # the sink's offer reached the wrapper, not reframe
+
+
+# ------------------------------------------------------------------------- the tap on its own
+
+
+class _FakeDownstream:
+    def __init__(self, blocked: bool) -> None:
+        self.blocked = blocked
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+def test_the_tap_declines_while_the_client_is_blocked() -> None:
+    reader = EventReader(make_exchange(), (), templates=True)
+    dialect = SpecDialect("deepseek-chat")
+    role, first, second = text_events(["ab", "cd"])[:3]
+    for event in reader.read(role + first):  # a parsed text chunk: the template is learned
+        dialect.feed(event)
+    down = _FakeDownstream(blocked=True)
+    tap = _tap(reader, dialect, down)
+    assert tap(second) is False  # left for the sink, which waits for the client
+    assert down.written == []
+    down.blocked = False
+    assert tap(second) is True
+    assert down.written == [dialect.feed_text(b'"cd"')]
+    assert tap(role) is False  # not a plain text chunk: the usual path's
