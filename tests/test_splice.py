@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from ds2oai import http1
 from ds2oai.dialects.spec import SpecDialect
@@ -25,7 +26,7 @@ from ds2oai.event_reader import EventReader
 from ds2oai.middleware.reframe import _tap
 from ds2oai.server import create_app
 from ds2oai.upstream import UpstreamBody
-from tests.conftest import ROOT, GatewayFactory, make_exchange
+from tests.conftest import ROOT, GatewayFactory, make_config, make_exchange
 from tests.fault_upstream import (
     Close,
     FaultUpstream,
@@ -395,6 +396,86 @@ async def test_a_stage_wrapping_the_body_sees_every_byte(
     assert spec_text(parse_events(raw)) == TEXT
     assert json.loads(log_path.read_text())["bytes"] == len(raw)  # it counted every write
     assert taken == []  # the sink's offer reached the wrapper, not reframe
+
+
+_FORWARDING_STAGE = """
+import dataclasses
+from collections.abc import AsyncGenerator
+
+
+class Redacting(AsyncGenerator):
+    # The way collections.abc.AsyncGenerator is built: asend delegates, sent values included.
+    def __init__(self, source):
+        self._source = source
+
+    async def asend(self, value):
+        return (await self._source.asend(value)).replace(b"secret", b"[redacted]")
+
+    async def athrow(self, typ, val=None, tb=None):
+        return await self._source.athrow(typ, val, tb)
+
+    async def aclose(self):
+        await self._source.aclose()
+
+
+class Redact:
+    name = "redact"
+
+    async def __call__(self, exchange, call_next):
+        reply = await call_next(exchange)
+        if isinstance(reply.body, bytes):
+            return reply
+        return dataclasses.replace(reply, body=Redacting(reply.body))
+"""
+
+
+async def test_a_wrapper_that_forwards_sent_values_is_never_bypassed(
+    tmp_path: Path, fault_upstream: FaultUpstream, aiohttp_server: Any, taken: list[bytes]
+) -> None:
+    (tmp_path / "forwarding_stage.py").write_text(_FORWARDING_STAGE, encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        fault_upstream.url,
+        f'[middleware]\npaths = ["{tmp_path}"]\n'
+        'chain = ["forwarding_stage:Redact", "auth", "retry", "reframe"]\n',
+    )
+    fault_upstream.queue(sse_script(text_events([f"secret{i} " for i in range(12)]), delay=PACE))
+    server = await aiohttp_server(create_app(config))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r,
+    ):
+        text = spec_text(parse_events(await r.read()))
+    assert text == "".join(f"[redacted]{i} " for i in range(12))
+    assert taken == []  # the offer goes only to reframe's own body, unwrapped
+
+
+async def test_aiohttp_counts_the_spliced_bytes(
+    fault_upstream: FaultUpstream, taken: list[bytes], aiohttp_server: Any
+) -> None:
+    app = create_app(make_config(fault_upstream.url))
+    lengths: list[int] = []
+
+    @web.middleware
+    async def measure(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        lengths.append(response.body_length)
+        return response
+
+    app.middlewares.append(measure)
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    server = await aiohttp_server(app)
+    payload = json.dumps(body(stream=True)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
+    )
+    wire = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert wire.endswith(b"\r\n0\r\n\r\n")
+    assert taken
+    assert lengths == [len(wire)]  # head, framing and every event: what aiohttp logs as %b
 
 
 # ------------------------------------------------------------------------- the tap on its own

@@ -15,10 +15,11 @@ import importlib
 import inspect
 import sys
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ds2oai import jsonutil
 from ds2oai.config import Config
@@ -37,20 +38,23 @@ __all__ = [
     "build_middleware",
     "fold",
     "single",
+    "take_downstream",
+    "takes_downstream",
 ]
 
 Body = AsyncGenerator[bytes, None]
+_B = TypeVar("_B")
 
 
 class Downstream(Protocol):
-    """The client's connection, which the sink offers to the body it reads.
+    """The client's connection, which the sink offers to a body that asked for it.
 
-    The sink sends it with every pull after the first (`body.asend(downstream)`). An async
-    generator that does not look at what its `yield` returns ignores it, so a body some stage
-    wrapped never sees it and everything goes through the sink as usual. A body that takes it
-    may write items straight to the client while the sink waits on the pull: they go out in
-    order, after the item the sink wrote last and before the one the pull returns. `reframe`
-    does this for paced text chunks (see `http1.Response.splice`).
+    Only a body marked with `take_downstream` that reaches the sink as it is (no stage wrapped
+    it) gets it: the sink sends it with every pull after the first (`body.asend(downstream)`).
+    Such a body may write items straight to the client while the sink waits on the pull: they
+    go out in order, after the item the sink wrote last and before the one the pull returns.
+    A stage that wraps the body therefore sees every byte, whatever it does with sent values.
+    `reframe` does this for paced text chunks (see `http1.Response.splice`).
     """
 
     @property
@@ -65,6 +69,21 @@ class Downstream(Protocol):
     async def drain(self) -> None:
         """Wait until the client has taken enough of what was written."""
         ...
+
+
+_TAKERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def take_downstream(body: _B) -> _B:
+    """Mark `body` as one that takes the sink's `Downstream` through `asend`, should it reach
+    the sink unwrapped. Returns it."""
+    _TAKERS.add(body)
+    return body
+
+
+def takes_downstream(body: object) -> bool:
+    """Whether the sink may offer `body` its `Downstream`."""
+    return body in _TAKERS
 
 
 class LastChunk(bytes):

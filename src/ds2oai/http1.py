@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import re
 import ssl
 import zlib
@@ -41,6 +42,8 @@ __all__ = [
     "ReadTimeout",
     "Response",
 ]
+
+log = logging.getLogger("ds2oai.http1")
 
 _HIGH_WATER = 256 * 1024  # unread body bytes that pause reading from the socket
 _INFLATE_SLICE = 64 * 1024  # the most inflated bytes one read returns
@@ -212,7 +215,8 @@ class _Connection(asyncio.Protocol):
                     taken = tap(data)
                 except Exception:
                     # Declined instead: the reader's task meets the same bytes on its usual
-                    # path, where a failure is handled, logged and answered as such.
+                    # path, where a failure is handled and answered as such.
+                    log.warning("a splice tap failed; its reader takes the bytes", exc_info=True)
                     taken = False
                 if taken:
                     parts.clear()

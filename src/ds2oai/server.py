@@ -4,8 +4,9 @@ A request becomes an `Exchange` (body read with a size limit, validated, mapped)
 the chain folded once at start-up, and the resulting `Reply` is written by the sink: a complete
 body as one `web.Response`; a streamed body by pulling its first item *before* `prepare()` (so
 a failure up to then is still a plain HTTP error), then writing each item as it comes and
-draining, which makes a slow client slow the upstream read. With each pull the sink offers the
-body the client's connection (`chain.Downstream`), for writes made while it waits on that pull.
+draining, which makes a slow client slow the upstream read. With each pull the sink offers a body
+that asked for it (`chain.take_downstream`) the client's connection (`chain.Downstream`), for
+writes made while it waits on that pull.
 A client that goes away cancels the handler (`handler_cancellation`), and closing the body
 closes the upstream connection at once.
 """
@@ -28,7 +29,17 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
 from ds2oai import __version__, jsonutil, metrics
-from ds2oai.chain import Downstream, Exchange, LastChunk, Next, Reply, Trace, build_middleware, fold
+from ds2oai.chain import (
+    Downstream,
+    Exchange,
+    LastChunk,
+    Next,
+    Reply,
+    Trace,
+    build_middleware,
+    fold,
+    takes_downstream,
+)
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
@@ -262,8 +273,8 @@ class _Downstream:
     """`chain.Downstream` over aiohttp's own writer: the transport it writes to, its framing.
 
     Written only between the sink's writes (while it waits on a pull), so the writer's own
-    state (headers sent, not at EOF) holds throughout; its byte counters are not kept, as
-    nothing here reads them. `blocked` is the transport closing or past its high-water mark
+    state (headers sent, not at EOF) holds throughout; its `output_size` counts these bytes
+    too. `blocked` is the transport closing or past its high-water mark
     (`writing_paused`), after which `drain()` is the writer's own wait.
     """
 
@@ -281,9 +292,10 @@ class _Downstream:
 
     def write(self, data: bytes) -> None:
         if self._chunked:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self._transport.write(data)
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._transport.write(data)
+        # What aiohttp's own writes count, for `response.body_length` (its access log's %b).
+        self._writer.output_size += len(data)
 
     async def drain(self) -> None:
         await self._writer.drain()
@@ -334,9 +346,8 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         response = _StreamedReply(status=reply.status, headers=headers)
         request[_PREPARED] = True
         stream_writer = await response.prepare(request)
-        direct = _downstream(request, response, stream_writer)
-        # Every body takes a sent value (async generators ignore it); see chain.Downstream.
-        pull = cast("AsyncGenerator[bytes, Downstream | None]", body).asend
+        direct = _downstream(request, response, stream_writer) if takes_downstream(body) else None
+        offer = cast("AsyncGenerator[bytes, Downstream | None]", body).asend
         trace.first_byte_at = time.monotonic()
         metrics.inc(metrics.IN_FLIGHT)
         in_flight = True
@@ -359,7 +370,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                     item = ahead
                     continue
                 try:  # not anext(body, None): its wrapper is one more frame per event
-                    item = await pull(direct)
+                    item = await (body.__anext__() if direct is None else offer(direct))
                 except StopAsyncIteration:
                     item = None
             else:

@@ -29,7 +29,16 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
 from ds2oai import jsonutil
-from ds2oai.chain import Body, Downstream, Exchange, LastChunk, Next, Reply, single
+from ds2oai.chain import (
+    Body,
+    Downstream,
+    Exchange,
+    LastChunk,
+    Next,
+    Reply,
+    single,
+    take_downstream,
+)
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
@@ -240,6 +249,8 @@ class Reframe:
             return await self._collect(exchange, upstream_body)
         dialect = self._dialects[exchange.dialect](exchange)
         stream = self._stream(exchange, upstream_body, dialect, call_next)
+        if dialect.text_literals and self._resume is None:  # it may splice (see _stream)
+            take_downstream(stream)
         return Reply(200, dict(_STREAM_HEADERS), stream)
 
     async def _as_event_stream(self, reply: Reply) -> Body:
