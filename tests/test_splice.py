@@ -23,7 +23,7 @@ from aiohttp import web
 from ds2oai import http1
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.event_reader import EventReader
-from ds2oai.middleware.reframe import _tap
+from ds2oai.middleware.reframe import _Tap
 from ds2oai.server import create_app
 from ds2oai.upstream import UpstreamBody
 from tests.conftest import ROOT, GatewayFactory, make_config, make_exchange
@@ -500,7 +500,7 @@ def test_the_tap_declines_while_the_client_is_blocked() -> None:
     for event in reader.read(role + first):  # a parsed text chunk: the template is learned
         dialect.feed(event)
     down = _FakeDownstream(blocked=True)
-    tap = _tap(reader, dialect, down)
+    tap = _Tap(reader, dialect, down)
     assert tap(second) is False  # left for the sink, which waits for the client
     assert down.written == []
     down.blocked = False

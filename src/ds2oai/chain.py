@@ -15,10 +15,10 @@ import importlib
 import inspect
 import sys
 import time
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import CodeType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ds2oai import jsonutil
@@ -38,19 +38,20 @@ __all__ = [
     "build_middleware",
     "fold",
     "single",
-    "take_downstream",
     "takes_downstream",
+    "wants_downstream",
 ]
 
 Body = AsyncGenerator[bytes, None]
-_B = TypeVar("_B")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class Downstream(Protocol):
     """The client's connection, which the sink offers to a body that asked for it.
 
-    Only a body marked with `take_downstream` that reaches the sink as it is (no stage wrapped
-    it) gets it: the sink sends it with every pull after the first (`body.asend(downstream)`).
+    Only a body made by a `takes_downstream` generator function that reaches the sink as it is
+    (no stage wrapped it) gets it: the sink sends it with every pull after the first
+    (`body.asend(downstream)`).
     Such a body may write items straight to the client while the sink waits on the pull: they
     go out in order, after the item the sink wrote last and before the one the pull returns.
     A stage that wraps the body therefore sees every byte, whatever it does with sent values.
@@ -71,19 +72,20 @@ class Downstream(Protocol):
         ...
 
 
-_TAKERS: weakref.WeakSet[Any] = weakref.WeakSet()
+_TAKERS: set[CodeType] = set()
 
 
-def take_downstream(body: _B) -> _B:
-    """Mark `body` as one that takes the sink's `Downstream` through `asend`, should it reach
-    the sink unwrapped. Returns it."""
-    _TAKERS.add(body)
-    return body
+def takes_downstream(func: _F) -> _F:
+    """Decorator for an async generator function whose bodies take the sink's `Downstream`
+    (through `asend`) when one of them reaches the sink unwrapped."""
+    _TAKERS.add(func.__code__)
+    return func
 
 
-def takes_downstream(body: object) -> bool:
-    """Whether the sink may offer `body` its `Downstream`."""
-    return body in _TAKERS
+def wants_downstream(body: object) -> bool:
+    """Whether the sink may offer `body` its `Downstream`: `body` itself, not a wrapper around
+    it, comes from a `takes_downstream` function. No per-request state: nothing to allocate."""
+    return getattr(body, "ag_code", None) in _TAKERS
 
 
 class LastChunk(bytes):

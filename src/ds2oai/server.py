@@ -5,7 +5,7 @@ the chain folded once at start-up, and the resulting `Reply` is written by the s
 body as one `web.Response`; a streamed body by pulling its first item *before* `prepare()` (so
 a failure up to then is still a plain HTTP error), then writing each item as it comes and
 draining, which makes a slow client slow the upstream read. With each pull the sink offers a body
-that asked for it (`chain.take_downstream`) the client's connection (`chain.Downstream`), for
+that asked for it (`chain.takes_downstream`) the client's connection (`chain.Downstream`), for
 writes made while it waits on that pull.
 A client that goes away cancels the handler (`handler_cancellation`), and closing the body
 closes the upstream connection at once.
@@ -38,7 +38,7 @@ from ds2oai.chain import (
     Trace,
     build_middleware,
     fold,
-    takes_downstream,
+    wants_downstream,
 )
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, GatewayError
@@ -346,8 +346,8 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         response = _StreamedReply(status=reply.status, headers=headers)
         request[_PREPARED] = True
         stream_writer = await response.prepare(request)
-        direct = _downstream(request, response, stream_writer) if takes_downstream(body) else None
-        offer = cast("AsyncGenerator[bytes, Downstream | None]", body).asend
+        direct = _downstream(request, response, stream_writer) if wants_downstream(body) else None
+        taker = cast("AsyncGenerator[bytes, Downstream | None]", body)
         trace.first_byte_at = time.monotonic()
         metrics.inc(metrics.IN_FLIGHT)
         in_flight = True
@@ -370,7 +370,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                     item = ahead
                     continue
                 try:  # not anext(body, None): its wrapper is one more frame per event
-                    item = await (body.__anext__() if direct is None else offer(direct))
+                    item = await (body.__anext__() if direct is None else taker.asend(direct))
                 except StopAsyncIteration:
                     item = None
             else:

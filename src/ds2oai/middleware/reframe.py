@@ -10,7 +10,7 @@ the dialect ends the stream with its terminal error event. Non-JSON chunks are s
 logged with the request id. `"stream": false` collects the whole answer into one JSON object.
 When the sink offers the client's connection (`chain.Downstream`) and the upstream sends one
 plain text chunk per read (a paced stream), those reads are re-framed and written from the
-upstream connection's read callback (`_tap`) until one is anything else; the bytes and their
+upstream connection's read callback (`_Tap`) until one is anything else; the bytes and their
 order are what this loop would have yielded.
 Until the first event goes out (DeepSeek queues requests, sending only `: keep-alive`), an SSE
 comment goes downstream every `server.keepalive_interval` seconds so proxies do not cut the
@@ -37,7 +37,7 @@ from ds2oai.chain import (
     Next,
     Reply,
     single,
-    take_downstream,
+    takes_downstream,
 )
 from ds2oai.config import Config
 from ds2oai.dialects import Dialect
@@ -183,27 +183,32 @@ async def _next(body: Body) -> bytes | None:
         return None
 
 
-def _tap(reader: EventReader, dialect: Dialect, downstream: Downstream) -> Callable[[bytes], bool]:
-    """What the loop below does with a read that is one plain text chunk, as a callback for the
-    upstream connection (`UpstreamBody.splice`): the dialect's bytes go straight to the client.
-    Anything else is declined and left to the loop, as is everything while the client is gone
-    or slow (the sink's writes wait for it; these cannot)."""
-    text_literal = reader.text_literal
-    feed_text = dialect.feed_text
-    write = downstream.write
+class _Tap:
+    """What the loop in `Reframe._stream` does with a read that is one plain text chunk, as a
+    callback for the upstream connection (`UpstreamBody.splice`): the dialect's bytes go
+    straight to the client. Anything else is declined and left to the loop, as is everything
+    while the client is gone or slow (the sink's writes wait for it; these cannot). A class
+    rather than a closure: one object per stream instead of a function and its cells, which
+    the cyclic GC would walk for as long as the stream lasts."""
 
-    def tap(data: bytes) -> bool:
+    __slots__ = ("_downstream", "_feed_text", "_text_literal")
+
+    def __init__(self, reader: EventReader, dialect: Dialect, downstream: Downstream) -> None:
+        self._text_literal = reader.text_literal
+        self._feed_text = dialect.feed_text
+        self._downstream = downstream
+
+    def __call__(self, data: bytes) -> bool:
+        downstream = self._downstream
         if downstream.blocked:
             return False
-        literal = text_literal(data)
+        literal = self._text_literal(data)
         if literal is None:
             return False
-        produced = feed_text(literal)
+        produced = self._feed_text(literal)
         if produced:
-            write(produced)
+            downstream.write(produced)
         return True
-
-    return tap
 
 
 class Reframe:
@@ -249,8 +254,6 @@ class Reframe:
             return await self._collect(exchange, upstream_body)
         dialect = self._dialects[exchange.dialect](exchange)
         stream = self._stream(exchange, upstream_body, dialect, call_next)
-        if dialect.text_literals and self._resume is None:  # it may splice (see _stream)
-            take_downstream(stream)
         return Reply(200, dict(_STREAM_HEADERS), stream)
 
     async def _as_event_stream(self, reply: Reply) -> Body:
@@ -333,6 +336,7 @@ class Reframe:
         except Exception:
             log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
 
+    @takes_downstream
     async def _stream(
         self, exchange: Exchange, body: Body, dialect: Dialect, call_next: Next
     ) -> AsyncGenerator[bytes, Downstream | None]:
@@ -405,7 +409,7 @@ class Reframe:
                     if downstream is not None and type(body) is UpstreamBody:
                         # Reads like this one probably follow: the upstream connection hands
                         # them to the client itself until one is not (or the client lags).
-                        await body.splice(_tap(reader, dialect, downstream))
+                        await body.splice(_Tap(reader, dialect, downstream))
                         if downstream.blocked:
                             await downstream.drain()
                     continue
