@@ -398,13 +398,10 @@ async def test_a_stage_wrapping_the_body_sees_every_byte(
     assert taken == []  # the sink's offer reached the wrapper, not reframe
 
 
-_FORWARDING_STAGE = """
-import dataclasses
-from collections.abc import AsyncGenerator
-
-
-class Redacting(AsyncGenerator):
+_WRAPPING_STAGES = {
     # The way collections.abc.AsyncGenerator is built: asend delegates, sent values included.
+    "forwarding": """
+class Redacting(AsyncGenerator):
     def __init__(self, source):
         self._source = source
 
@@ -416,7 +413,49 @@ class Redacting(AsyncGenerator):
 
     async def aclose(self):
         await self._source.aclose()
+""",
+    # A transparent proxy: every other attribute (ag_code, ag_frame, ...) is the source's.
+    "proxy": """
+class Redacting(AsyncGenerator):
+    def __init__(self, source):
+        self._source = source
 
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    async def asend(self, value):
+        return (await self._source.asend(value)).replace(b"secret", b"[redacted]")
+
+    async def athrow(self, typ, val=None, tb=None):
+        return await self._source.athrow(typ, val, tb)
+
+    async def aclose(self):
+        await self._source.aclose()
+""",
+    # Only __anext__ of its own; asend would resolve to the source's through __getattr__.
+    "anext-only proxy": """
+class Redacting:
+    def __init__(self, source):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return (await self._source.__anext__()).replace(b"secret", b"[redacted]")
+
+    async def aclose(self):
+        await self._source.aclose()
+""",
+}
+_STAGE = """
+import dataclasses
+from collections.abc import AsyncGenerator
+
+{wrapper}
 
 class Redact:
     name = "redact"
@@ -429,15 +468,23 @@ class Redact:
 """
 
 
-async def test_a_wrapper_that_forwards_sent_values_is_never_bypassed(
-    tmp_path: Path, fault_upstream: FaultUpstream, aiohttp_server: Any, taken: list[bytes]
+@pytest.mark.parametrize("kind", list(_WRAPPING_STAGES))
+async def test_a_wrapper_is_never_bypassed_whatever_it_forwards(
+    kind: str,
+    tmp_path: Path,
+    fault_upstream: FaultUpstream,
+    aiohttp_server: Any,
+    taken: list[bytes],
 ) -> None:
-    (tmp_path / "forwarding_stage.py").write_text(_FORWARDING_STAGE, encoding="utf-8")
+    # One module name per kind: an imported module stays in sys.modules across tests.
+    module = "wrapping_stage_" + kind.replace(" ", "_").replace("-", "_")
+    stage = _STAGE.format(wrapper=_WRAPPING_STAGES[kind])
+    (tmp_path / f"{module}.py").write_text(stage, encoding="utf-8")
     config = write_config(
         tmp_path,
         fault_upstream.url,
         f'[middleware]\npaths = ["{tmp_path}"]\n'
-        'chain = ["forwarding_stage:Redact", "auth", "retry", "reframe"]\n',
+        f'chain = ["{module}:Redact", "auth", "retry", "reframe"]\n',
     )
     fault_upstream.queue(sse_script(text_events([f"secret{i} " for i in range(12)]), delay=PACE))
     server = await aiohttp_server(create_app(config))

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import CodeType
+from types import AsyncGeneratorType, CodeType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ds2oai import jsonutil
@@ -54,7 +54,9 @@ class Downstream(Protocol):
     (`body.asend(downstream)`).
     Such a body may write items straight to the client while the sink waits on the pull: they
     go out in order, after the item the sink wrote last and before the one the pull returns.
-    A stage that wraps the body therefore sees every byte, whatever it does with sent values.
+    A stage that wraps the body therefore sees every byte, whatever it does with sent values
+    or attribute reads. A taker writes nothing after it yielded a `LastChunk` (the sink may
+    still hold that item while it looks ahead).
     `reframe` does this for paced text chunks (see `http1.Response.splice`).
     """
 
@@ -84,8 +86,10 @@ def takes_downstream(func: _F) -> _F:
 
 def wants_downstream(body: object) -> bool:
     """Whether the sink may offer `body` its `Downstream`: `body` itself, not a wrapper around
-    it, comes from a `takes_downstream` function. No per-request state: nothing to allocate."""
-    return getattr(body, "ag_code", None) in _TAKERS
+    it, comes from a `takes_downstream` function. No per-request state: nothing to allocate.
+    The exact type is checked first: a proxy that forwards attribute reads (`__getattr__`)
+    would otherwise pass for the generator it wraps."""
+    return type(body) is AsyncGeneratorType and body.ag_code in _TAKERS
 
 
 class LastChunk(bytes):
