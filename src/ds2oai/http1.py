@@ -14,7 +14,9 @@ few things the upstream call needs and nothing else:
   somebody waits for bytes (one timer per connection, moved lazily rather than re-created);
 - gzip / deflate bodies are inflated on read, in slices, so a small body cannot inflate into
   an unbounded buffer; reading from the socket pauses while unread bytes pile up;
-- a connection goes back to the pool only after a complete answer the server let live.
+- a connection goes back to the pool only after a complete answer the server let live;
+- a reader may instead have the body handed to a callback from the connection's own read
+  callback, read by read (`Response.splice`), until the callback declines one.
 """
 
 from __future__ import annotations
