@@ -547,7 +547,7 @@ def test_the_tap_declines_while_the_client_is_blocked() -> None:
     for event in reader.read(role + first):  # a parsed text chunk: the template is learned
         dialect.feed(event)
     down = _FakeDownstream(blocked=True)
-    tap = _Tap(reader, dialect, down)
+    tap = _Tap(reader, dialect, down).take
     assert tap(second) is False  # left for the sink, which waits for the client
     assert down.written == []
     down.blocked = False

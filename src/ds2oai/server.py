@@ -280,7 +280,9 @@ class _Downstream:
 
     __slots__ = ("_chunked", "_protocol", "_transport", "_writer")
 
-    def __init__(self, protocol: RequestHandler, writer: StreamWriter, transport: Any) -> None:
+    def __init__(
+        self, protocol: RequestHandler, writer: StreamWriter, transport: asyncio.Transport
+    ) -> None:
         self._protocol = protocol
         self._transport = transport
         self._writer = writer
@@ -288,7 +290,7 @@ class _Downstream:
 
     @property
     def blocked(self) -> bool:
-        return bool(self._transport.is_closing()) or self._protocol.writing_paused
+        return self._transport.is_closing() or self._protocol.writing_paused
 
     def write(self, data: bytes) -> None:
         if self._chunked:
