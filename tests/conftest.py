@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from ds2oai import http1
 from ds2oai.chain import Exchange
 from ds2oai.config import Config, Secret, config_from_mapping
 from ds2oai.server import create_app
@@ -108,6 +109,16 @@ def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return config_from_mapping(data)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[http1.Pool]:
+    """The upstream HTTP client on its own (tests of `http1` and of the splice)."""
+    p = http1.Pool(limit=8, keepalive=30.0)
+    try:
+        yield p
+    finally:
+        await p.close()
 
 
 @pytest.fixture

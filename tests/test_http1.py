@@ -18,7 +18,7 @@ import ssl
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -88,15 +88,6 @@ async def nothing_open(pool: http1.Pool) -> None:
             break
         await asyncio.sleep(0.01)
     assert (pool.open_connections, pool.idle_connections) == (0, 0)
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[http1.Pool]:
-    p = http1.Pool(limit=8, keepalive=30.0)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def read_all(response: http1.Response) -> bytes:

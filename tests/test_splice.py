@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +71,6 @@ def paced(*parts: bytes, hang: bool = False, pause: float = PACE) -> RawServer:
             await reader.read()
 
     return RawServer(handle, grace=0.1)
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[http1.Pool]:
-    p = http1.Pool(limit=4, keepalive=30.0)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def read(response: http1.Response) -> bytes:
@@ -398,57 +389,39 @@ async def test_a_stage_wrapping_the_body_sees_every_byte(
     assert taken == []  # the sink's offer reached the wrapper, not reframe
 
 
+_SOURCE = """
+    def __init__(self, source):
+        self._source = source
+
+    async def aclose(self):
+        await self._source.aclose()
+"""
+_DELEGATING = """
+    async def asend(self, value):
+        return (await self._source.asend(value)).replace(b"secret", b"[redacted]")
+
+    async def athrow(self, typ, val=None, tb=None):
+        return await self._source.athrow(typ, val, tb)
+"""
+_PROXYING = """
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+"""
 _WRAPPING_STAGES = {
     # The way collections.abc.AsyncGenerator is built: asend delegates, sent values included.
-    "forwarding": """
-class Redacting(AsyncGenerator):
-    def __init__(self, source):
-        self._source = source
-
-    async def asend(self, value):
-        return (await self._source.asend(value)).replace(b"secret", b"[redacted]")
-
-    async def athrow(self, typ, val=None, tb=None):
-        return await self._source.athrow(typ, val, tb)
-
-    async def aclose(self):
-        await self._source.aclose()
-""",
+    "forwarding": "class Redacting(AsyncGenerator):" + _SOURCE + _DELEGATING,
     # A transparent proxy: every other attribute (ag_code, ag_frame, ...) is the source's.
-    "proxy": """
-class Redacting(AsyncGenerator):
-    def __init__(self, source):
-        self._source = source
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
-    async def asend(self, value):
-        return (await self._source.asend(value)).replace(b"secret", b"[redacted]")
-
-    async def athrow(self, typ, val=None, tb=None):
-        return await self._source.athrow(typ, val, tb)
-
-    async def aclose(self):
-        await self._source.aclose()
-""",
+    "proxy": "class Redacting(AsyncGenerator):" + _SOURCE + _DELEGATING + _PROXYING,
     # Only __anext__ of its own; asend would resolve to the source's through __getattr__.
-    "anext-only proxy": """
-class Redacting:
-    def __init__(self, source):
-        self._source = source
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
+    "anext-only proxy": "class Redacting:"
+    + _SOURCE
+    + _PROXYING
+    + """
     def __aiter__(self):
         return self
 
     async def __anext__(self):
         return (await self._source.__anext__()).replace(b"secret", b"[redacted]")
-
-    async def aclose(self):
-        await self._source.aclose()
 """,
 }
 _STAGE = """
