@@ -5,8 +5,10 @@ handler is the upstream call (`upstream.py`). A middleware may replace the excha
 `dataclasses.replace`, never by mutating what another attempt also sees), short-circuit with a
 `Reply` or a `ClientError`, or wrap `reply.body` in a new async iterator that closes the source
 in `finally`. Bodies are lazy: nothing reaches the client until the sink in server.py pulls the
-first item, so retry and error translation work until then. This module builds the chain from
-`[middleware] chain` once at start-up and refuses to start on any bad entry, naming it.
+first item, so retry and error translation work until then. The sink may hand the client's
+connection (`Downstream`) to a body it reads unwrapped from a generator that asked for it
+(`takes_downstream`; `reframe` does). This module builds the chain from `[middleware] chain`
+once at start-up and refuses to start on any bad entry, naming it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 Transport errors are translated into the ds2oai tree here and only here, body iteration
 included: before headers into `UpstreamConnectError` / `UpstreamTimeoutError`, during the body
 into `UpstreamStreamError`. Closing the body before its end closes the TCP connection, which is
-how a client disconnect stops the upstream generating tokens nobody will read.
+how a client disconnect stops the upstream generating tokens nobody will read. A reader may
+instead let a callback take the body's reads as they arrive (`UpstreamBody.splice`).
 """
 
 from __future__ import annotations
