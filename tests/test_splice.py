@@ -470,6 +470,49 @@ async def test_a_wrapper_is_never_bypassed_whatever_it_forwards(
     assert taken == []  # the offer goes only to reframe's own body, unwrapped
 
 
+_LENGTH_STAGE = """
+import dataclasses
+
+
+class Limit:
+    name = "limit"
+
+    async def __call__(self, exchange, call_next):
+        reply = await call_next(exchange)
+        if isinstance(reply.body, bytes):
+            return reply
+        # The same body object, a header that bounds it: aiohttp cuts writes past the length.
+        return dataclasses.replace(reply, headers={**reply.headers, "Content-Length": "300"})
+"""
+
+
+async def test_a_content_length_some_stage_set_turns_the_splice_off(
+    tmp_path: Path, fault_upstream: FaultUpstream, aiohttp_server: Any, taken: list[bytes]
+) -> None:
+    (tmp_path / "length_stage.py").write_text(_LENGTH_STAGE, encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        fault_upstream.url,
+        f'[middleware]\npaths = ["{tmp_path}"]\n'
+        'chain = ["length_stage:Limit", "auth", "retry", "reframe"]\n',
+    )
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    server = await aiohttp_server(create_app(config))
+    payload = json.dumps(body(stream=True)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
+    )
+    wire = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head = wire.partition(b"\r\n\r\n")[0].lower()
+    assert b"content-length: 300" in head
+    assert b"transfer-encoding" not in head
+    # Whatever aiohttp makes of a too-long body is its own; nothing went around its writer.
+    assert taken == []
+
+
 async def test_aiohttp_counts_the_spliced_bytes(
     fault_upstream: FaultUpstream, taken: list[bytes], aiohttp_server: Any
 ) -> None:

@@ -308,8 +308,9 @@ def _downstream(
 ) -> _Downstream | None:
     """The client's connection for the body to write to directly, when the response is written
     by aiohttp's own `StreamWriter` as bytes framed (or not) by HTTP/1.1 itself; None when it
-    is compressed or written some other way."""
-    if type(writer) is not StreamWriter or response.compression:
+    is compressed, bounded by a Content-Length some stage set (aiohttp cuts writes past it),
+    or written some other way."""
+    if type(writer) is not StreamWriter or response.compression or writer.length is not None:
         return None
     transport = writer.transport
     if transport is None:
