@@ -224,6 +224,22 @@ def chat_text(events: list[Event]) -> str:
     return "".join(out)
 
 
+async def over_a_raw_socket(port: int | None, version: bytes = b"1.1") -> bytes:
+    """A streamed request that ends the connection after the answer; every byte of it."""
+    assert port is not None
+    payload = json.dumps(body(stream=True)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/%b\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+        % (version, len(payload), payload)
+    )
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 async def test_paced_text_is_exact_on_the_spec_route(
     fault_upstream: FaultUpstream,
     gateway: GatewayFactory,
@@ -349,14 +365,7 @@ async def test_an_http_1_0_client_gets_the_unframed_stream(
 ) -> None:
     fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
     server = await gateway(fault_upstream.url)
-    payload = json.dumps(body(stream=True)).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
-    )
-    raw = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the body ends with the connection
-    writer.close()
+    raw = await over_a_raw_socket(server.port, b"1.0")  # the body ends with the connection
     head, _, stream = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200")
     assert b"transfer-encoding" not in head.lower()
@@ -430,15 +439,31 @@ from collections.abc import AsyncGenerator
 
 {wrapper}
 
-class Redact:
-    name = "redact"
+class Stage:
+    name = "stage"
 
     async def __call__(self, exchange, call_next):
         reply = await call_next(exchange)
         if isinstance(reply.body, bytes):
             return reply
-        return dataclasses.replace(reply, body=Redacting(reply.body))
+        return dataclasses.replace(reply, {change})
 """
+
+
+async def stage_in_front(
+    tmp_path: Path, upstream_url: str, aiohttp_server: Any, name: str, **parts: str
+) -> Any:
+    """A gateway whose chain starts with a stage built from `_STAGE` and `parts`."""
+    # One module name per stage: an imported module stays in sys.modules across tests.
+    module = "stage_" + name
+    (tmp_path / f"{module}.py").write_text(_STAGE.format(**parts), encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        upstream_url,
+        f'[middleware]\npaths = ["{tmp_path}"]\n'
+        f'chain = ["{module}:Stage", "auth", "retry", "reframe"]\n',
+    )
+    return await aiohttp_server(create_app(config))
 
 
 @pytest.mark.parametrize("kind", list(_WRAPPING_STAGES))
@@ -449,18 +474,15 @@ async def test_a_wrapper_is_never_bypassed_whatever_it_forwards(
     aiohttp_server: Any,
     taken: list[bytes],
 ) -> None:
-    # One module name per kind: an imported module stays in sys.modules across tests.
-    module = "wrapping_stage_" + kind.replace(" ", "_").replace("-", "_")
-    stage = _STAGE.format(wrapper=_WRAPPING_STAGES[kind])
-    (tmp_path / f"{module}.py").write_text(stage, encoding="utf-8")
-    config = write_config(
+    fault_upstream.queue(sse_script(text_events([f"secret{i} " for i in range(12)]), delay=PACE))
+    server = await stage_in_front(
         tmp_path,
         fault_upstream.url,
-        f'[middleware]\npaths = ["{tmp_path}"]\n'
-        f'chain = ["{module}:Redact", "auth", "retry", "reframe"]\n',
+        aiohttp_server,
+        kind.replace(" ", "_").replace("-", "_"),
+        wrapper=_WRAPPING_STAGES[kind],
+        change="body=Redacting(reply.body)",
     )
-    fault_upstream.queue(sse_script(text_events([f"secret{i} " for i in range(12)]), delay=PACE))
-    server = await aiohttp_server(create_app(config))
     async with (
         aiohttp.ClientSession() as session,
         session.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r,
@@ -470,43 +492,20 @@ async def test_a_wrapper_is_never_bypassed_whatever_it_forwards(
     assert taken == []  # the offer goes only to reframe's own body, unwrapped
 
 
-_LENGTH_STAGE = """
-import dataclasses
-
-
-class Limit:
-    name = "limit"
-
-    async def __call__(self, exchange, call_next):
-        reply = await call_next(exchange)
-        if isinstance(reply.body, bytes):
-            return reply
-        # The same body object, a header that bounds it: aiohttp cuts writes past the length.
-        return dataclasses.replace(reply, headers={**reply.headers, "Content-Length": "300"})
-"""
-
-
 async def test_a_content_length_some_stage_set_turns_the_splice_off(
     tmp_path: Path, fault_upstream: FaultUpstream, aiohttp_server: Any, taken: list[bytes]
 ) -> None:
-    (tmp_path / "length_stage.py").write_text(_LENGTH_STAGE, encoding="utf-8")
-    config = write_config(
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
+    # The same body object, a header that bounds it: aiohttp cuts its writes at the length.
+    server = await stage_in_front(
         tmp_path,
         fault_upstream.url,
-        f'[middleware]\npaths = ["{tmp_path}"]\n'
-        'chain = ["length_stage:Limit", "auth", "retry", "reframe"]\n',
+        aiohttp_server,
+        "length",
+        wrapper="",
+        change='headers={**reply.headers, "Content-Length": "300"}',
     )
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
-    server = await aiohttp_server(create_app(config))
-    payload = json.dumps(body(stream=True)).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
-    )
-    wire = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head = wire.partition(b"\r\n\r\n")[0].lower()
+    head = (await over_a_raw_socket(server.port)).partition(b"\r\n\r\n")[0].lower()
     assert b"content-length: 300" in head
     assert b"transfer-encoding" not in head
     # Whatever aiohttp makes of a too-long body is its own; nothing went around its writer.
@@ -528,14 +527,7 @@ async def test_aiohttp_counts_the_spliced_bytes(
     app.middlewares.append(measure)
     fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
     server = await aiohttp_server(app)
-    payload = json.dumps(body(stream=True)).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
-    )
-    wire = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
+    wire = await over_a_raw_socket(server.port)
     assert wire.endswith(b"\r\n0\r\n\r\n")
     assert taken
     assert lengths == [len(wire)]  # head, framing and every event: what aiohttp logs as %b
