@@ -7,7 +7,7 @@ Process layout (2 cores: the gateway's core 0, the harness's core 1):
   a generous upstream pool), nginx (one worker process) or the naive aiohttp relay; each is the
   only busy process on that core while it is measured;
 - the harness on core 1 (`os.sched_setaffinity`): the upstream emulator, the load generator and
-  the /proc sampling, one Python process, one event loop;
+  the /proc sampling, one Python process, one event loop (uvloop's when installed);
 - "direct": the load generator straight to the emulator (the floor/ceiling of every number).
 
 Scenarios (full mode; `--quick` shrinks every count and duration to a smoke test):
@@ -1336,7 +1336,8 @@ class Bench:
             "aiohttp relay (`bench/relay.py`). Only the one being measured is busy.",
             f"Harness pinned to core {harness} (`os.sched_setaffinity`): the upstream emulator "
             "(`bench/upstream.py`, precomputed DeepSeek chunks) and the load generator "
-            "(`bench/load.py`, raw asyncio HTTP/1.1, keep-alive) in one process and one loop.",
+            "(`bench/load.py`, raw asyncio HTTP/1.1, keep-alive) in one process and one loop: "
+            "uvloop's unless `--harness-loop asyncio` (the loop in use is in the machine table).",
             "Systems: direct = load generator → emulator; nginx, relay = → relay → emulator "
             "(DeepSeek chunks passed through); gw-spec = `POST /v1/chat/completions` (named "
             "events); gw-chat = `POST /openai/v1/chat/completions` (OpenAI chunks).",
@@ -1374,8 +1375,8 @@ class Bench:
             ROOT,
             {
                 "nginx": self.nginx_version,
-                "event loops": f"gateway {self.gateway_loop}; harness asyncio "
-                f"({type(asyncio.get_running_loop()).__name__}); relay asyncio",
+                "event loops": f"gateway {self.gateway_loop}; harness "
+                f"{_loop_name(asyncio.get_running_loop())}; relay asyncio",
             },
         )
         out = self.args.out
@@ -1412,6 +1413,11 @@ class Bench:
         return 0
 
 
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    kind = type(loop)
+    return "uvloop" if kind.__module__.startswith("uvloop") else f"asyncio ({kind.__name__})"
+
+
 def _json_default(value: object) -> object:
     return str(value)
 
@@ -1441,6 +1447,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", default=None, help="Markdown report (default BENCHMARKS.md; none in --quick)"
     )
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument(
+        "--harness-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the harness's event loop (default: uvloop when installed)",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
@@ -1474,10 +1486,29 @@ async def _amain(args: argparse.Namespace) -> int:
         await bench.teardown()
 
 
+def harness_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The harness's loop: uvloop unless told otherwise (None = asyncio's default loop).
+
+    The harness is the instrument: one core emulating the upstream and reading every stream.
+    On asyncio's selector loop it saturated first in S4, so that a system's "sustained"
+    number was the harness's ceiling (see docs/decisions.md).
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("bench: --harness-loop uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        return asyncio.run(_amain(args))
+        with asyncio.Runner(loop_factory=harness_loop_factory(args.harness_loop)) as runner:
+            return runner.run(_amain(args))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
