@@ -68,3 +68,17 @@ def test_quick_bench_runs_every_scenario_and_completes_every_stream(tmp_path: Pa
         assert f"## {key} " in report, key
     assert "## Machine" in report
     assert '"direct"' in report
+
+
+def test_harness_loop_is_uvloop_unless_asked_or_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    from bench.__main__ import harness_loop_factory
+
+    assert harness_loop_factory("auto") is uvloop.new_event_loop
+    assert harness_loop_factory("uvloop") is uvloop.new_event_loop
+    assert harness_loop_factory("asyncio") is None
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` now raises ImportError
+    assert harness_loop_factory("auto") is None
+    with pytest.raises(SystemExit, match="not installed"):
+        harness_loop_factory("uvloop")
