@@ -8,6 +8,7 @@ client bytes from the spec and chat dialects.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from ds2oai.dialects.base import ChunkDialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.event_reader import EventReader
-from ds2oai.events import Chunk, EndOfBody, TextDelta, parse_upstream_event
+from ds2oai.events import Chunk, EndOfBody, ReasoningDelta, TextDelta, parse_upstream_event
 from tests.conftest import make_exchange
 
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
@@ -37,18 +38,28 @@ def payload(content: Any = "hi", *, finish: Any = None, **extra: Any) -> bytes:
     return json.dumps({**BASE, "choices": [choice], "usage": None, **extra}).encode()
 
 
-def learned(raw: bytes) -> TextTemplate | None:
+def thinking(text: Any = "hm", *, content: Any = None, finish: Any = None, **extra: Any) -> bytes:
+    """A reasoning model's thinking chunk as DeepSeek sends it: `content` null."""
+    delta = {"content": content, "reasoning_content": text}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return json.dumps({**BASE, "choices": [choice], "usage": None, **extra}).encode()
+
+
+def learned(raw: bytes, *, reasoning: bool = False) -> TextTemplate | None:
     chunk = parse_upstream_event(raw.decode())
     assert isinstance(chunk, Chunk)
-    return TextTemplate.learn(raw, chunk)
+    return TextTemplate.learn(raw, chunk, reasoning=reasoning)
 
 
-def test_learns_and_matches_the_same_chunk_with_other_text() -> None:
-    template = learned(payload("Hello"))
+@pytest.mark.parametrize(("make", "reasoning"), [(payload, False), (thinking, True)])
+def test_learns_and_matches_the_same_chunk_with_other_text(
+    make: Callable[[str], bytes], reasoning: bool
+) -> None:
+    template = learned(make("Hello"), reasoning=reasoning)
     assert template is not None
-    assert template.match(payload(" world")) == b'" world"'
-    assert template.match(payload("")) == b'""'
-    literal = template.match(payload('say "hi"\\ \u00e9\u4f60 \U0001f600\n'))
+    assert template.match(make(" world")) == b'" world"'
+    assert template.match(make("")) == b'""'
+    literal = template.match(make('say "hi"\\ \u00e9\u4f60 \U0001f600\n'))
     assert literal is not None
     assert json.loads(literal) == 'say "hi"\\ \u00e9\u4f60 \U0001f600\n'
 
@@ -116,6 +127,40 @@ def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:
     assert TextTemplate.learn(raw, chunk) is None
 
 
+def test_a_template_of_one_kind_never_matches_the_other() -> None:
+    template = learned(thinking("Let me see"), reasoning=True)
+    assert template is not None
+    assert template.match(payload("text")) is None
+    assert template.match(thinking("x", content="y")) is None
+    assert template.match(thinking("x", finish="stop")) is None
+    text = learned(payload("Hello"))
+    assert text is not None
+    assert text.match(thinking("x")) is None
+    assert learned(payload("Hello"), reasoning=True) is None  # not thinking
+    assert learned(thinking("hm")) is None  # not text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        thinking(""),  # no text: nothing to tell its place by
+        thinking("x", content=""),  # the chunk carries text too (even empty)
+        thinking("x", content="y"),
+        thinking("x", finish="stop"),
+        thinking("x", usage={"prompt_tokens": 1}),
+        json.dumps(
+            {**BASE, "choices": [{"delta": {"role": "user", "reasoning_content": "x"}}]}
+        ).encode(),
+        thinking("x").replace(
+            b'"reasoning_content": "x"', b'"reasoning_content": "a", "reasoning_content": "b"'
+        ),
+        thinking("x").replace(b", ", b",\n", 1),
+    ],
+)
+def test_learns_thinking_only_from_an_unambiguous_thinking_chunk(raw: bytes) -> None:
+    assert learned(raw, reasoning=True) is None
+
+
 def _client_bytes(
     dialect: ChunkDialect, pieces: list[bytes], templates: bool, shortcut: bool = False
 ) -> bytes:
@@ -124,8 +169,11 @@ def _client_bytes(
     out: list[bytes] = []
     for piece in pieces:
         literal = reader.text_literal(piece) if shortcut else None
+        thought = reader.reasoning_literal(piece) if shortcut and literal is None else None
         if literal is not None:
             out.append(dialect.feed_text(literal))
+        elif thought is not None:
+            out.append(dialect.feed_reasoning(thought))
         else:
             out.extend(dialect.feed(event) for event in reader.read(piece))
     out.append(dialect.feed(EndOfBody()))
@@ -140,7 +188,9 @@ texts = st.lists(
     | st.sampled_from("\ud800\udbff\udc00\udfff"),
     max_size=6,
 ).map("".join)
-frame_kinds = st.sampled_from(["text", "text", "text", "role", "finish", "usage", "comment"])
+frame_kinds = st.sampled_from(
+    ["text", "text", "text", "thinking", "thinking", "role", "finish", "usage", "comment"]
+)
 
 
 def _frames(draws: list[tuple[str, str]]) -> bytes:
@@ -148,6 +198,8 @@ def _frames(draws: list[tuple[str, str]]) -> bytes:
     for kind, text in draws:
         if kind == "text":
             out.append(b"data: " + payload(text) + b"\n\n")
+        elif kind == "thinking":
+            out.append(b"data: " + thinking(text) + b"\n\n")
         elif kind == "role":
             delta = {"role": "assistant", "content": text}
             raw = json.dumps({**BASE, "choices": [{"delta": delta}]})
@@ -227,6 +279,39 @@ def test_one_event_reads_give_the_same_stream_through_the_shortcut(
         slow = _client_bytes(make(), pieces, templates=False)
         fast = _client_bytes(make(), pieces, templates=True, shortcut=True)
         assert _decoded(fast) == _decoded(slow)
+
+
+def test_thinking_takes_its_own_byte_path() -> None:
+    body = b"".join(b"data: " + thinking(f"r{i} ") + b"\n\n" for i in range(10))
+    body += b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(10))
+    reader = EventReader(make_exchange(), (), templates=True)
+    events = reader.read(body)
+    assert [type(e) for e in events] == [Chunk, ReasoningDelta, Chunk, TextDelta]
+    thoughts, text = events[1], events[3]
+    assert isinstance(thoughts, ReasoningDelta)
+    assert isinstance(text, TextDelta)
+    assert [json.loads(x) for x in thoughts.literals] == [f"r{i} " for i in range(1, 10)]
+    assert [json.loads(x) for x in text.literals] == [f"w{i} " for i in range(1, 10)]
+    # One whole event per read: the shortcut, each kind by its own template.
+    one = b"data: " + thinking("r10 ") + b"\n\n"
+    assert reader.text_literal(one) is None
+    assert reader.reasoning_literal(one) == b'"r10 "'
+    assert reader.reasoning_literal(one + one) is None
+    assert reader.reasoning_literal(b"data: " + payload("w10 ") + b"\n\n") is None
+    assert EventReader(make_exchange(), (), templates=False).reasoning_literal(one) is None
+
+
+def test_the_chat_dialect_writes_thinking_as_its_parsed_path_does() -> None:
+    parsed, fast = ChatDialect("gpt"), ChatDialect("gpt")
+    first = parse_upstream_event(payload("first").decode())
+    second = parse_upstream_event(thinking("a\u00e9").decode())
+    assert isinstance(first, Chunk)
+    assert isinstance(second, Chunk)
+    assert parsed.feed(first) == fast.feed(first)
+    expected = parsed.feed(second)
+    assert b'"reasoning_content"' in expected
+    assert fast.feed_reasoning(b'"a\\u00e9"') == expected.replace(b"a\xc3\xa9", b"a\\u00e9")
+    assert SpecDialect("gpt").feed_reasoning(b'"x"') == b""  # the spec route has no thinking
 
 
 def test_the_shortcut_takes_whole_text_events_only() -> None:

@@ -35,6 +35,7 @@ from tests.fault_upstream import (
     sse_script,
     text_events,
 )
+from tests.fault_upstream import chunk as sse_chunk
 from tests.loopback import RawServer, chunk
 from tests.sse_client import Event, parse_events, read_events, spec_text
 from tests.test_extras import write_config
@@ -278,6 +279,52 @@ async def test_paced_text_is_exact_on_the_chat_route(
     assert finishes.count("stop") == 1
     assert all(e.json()["model"] == "deepseek-chat" for e in events[:-1])
     assert len(taken) >= len(TOKENS) // 2
+
+
+def thinking_events() -> list[bytes]:
+    """A reasoning model's answer: thinking chunks (`content` null), then text chunks."""
+    events = [sse_chunk("", role="assistant")]
+    events += [
+        sse_chunk(reasoning=token).replace(b'"delta":{', b'"delta":{"content":null,', 1)
+        for token in TOKENS
+    ]
+    events += text_events(TOKENS[:3])[1:]
+    return events
+
+
+async def test_paced_thinking_is_spliced_and_exact_on_both_routes(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    upstream_events = thinking_events()
+    assert b'"delta":{"content":null,"reasoning_content":"t1' in upstream_events[2]
+    thoughts = set(upstream_events[2 : 1 + len(TOKENS)])  # the first one is parsed (learned)
+    server = await gateway(fault_upstream.url)
+
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    url = server.make_url("/openai/v1/chat/completions")
+    async with client.post(url, json=body(stream=True)) as r:
+        events = await read_events(r)
+    deltas = [c["delta"] for e in events[:-1] for c in e.json()["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == TEXT
+    assert "".join(d.get("content") or "" for d in deltas) == "".join(TOKENS[:3])
+    assert sum("reasoning_content" in d for d in deltas) == len(TOKENS)
+    assert events[-1].data == "[DONE]"
+    spliced_on_chat = [read for read in taken if read in thoughts]
+    assert len(spliced_on_chat) >= len(TOKENS) // 2
+
+    taken.clear()
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        events = await read_events(r)
+    # The spec route has no thinking event: only the text, and the thinking reads are taken
+    # (to produce nothing) rather than parsed.
+    assert spec_text(events) == "".join(TOKENS[:3])
+    assert [e.event for e in events].count("response.output_text.delta") == 3
+    assert events[-1].event == "response.completed"
+    assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
 
 
 @pytest.mark.parametrize("end", [Close(), Reset()], ids=["truncated", "reset"])

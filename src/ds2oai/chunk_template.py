@@ -7,13 +7,15 @@ except for the text in `choices[0].delta.content`:
     {"id":"…","object":"chat.completion.chunk",…,"choices":[{"index":0,"delta":{"content":"Hi"},
     "logprobs":null,"finish_reason":null}],"usage":null}
 
-`TextTemplate.learn()` takes one such chunk that was already parsed the normal way and keeps
-the bytes before and after its text. `match()` then recognizes a later payload with the same
-prefix and suffix and returns its text as the JSON string literal it is, validated, so the
-dialects can splice it into their own pre-encoded bytes without parsing or re-encoding JSON.
-Anything else (a finish_reason, usage, reasoning, tool calls, a changed id, odd spacing, an
-invalid escape or invalid UTF-8 in the text) does not match and takes the normal path, so
-the template changes speed, never meaning.
+`TextTemplate.learn()` takes one such chunk that was already parsed the normal way and keeps the
+bytes before and after its text. A reasoning model's thinking comes the same way, its text in
+`delta.reasoning_content` with `content` null: `learn(..., reasoning=True)` keeps a template for
+those chunks (a stream may have one of each kind). `match()` then recognizes a later payload
+with the same prefix and suffix and returns its text as the JSON string literal it is,
+validated, so the dialects can splice it into their own pre-encoded bytes without parsing or
+re-encoding JSON. Anything else (a finish_reason, usage, the other kind of text, tool calls, a
+changed id, odd spacing, an invalid escape or invalid UTF-8 in the text) does not match and
+takes the normal path, so the template changes speed, never meaning.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ _LITERAL = re.compile(
 # Many literals joined by LF, checked in one call: LF cannot occur inside a valid literal, so
 # the separators fix where each one starts and ends.
 _LITERALS = re.compile(_LITERAL.pattern + rb"(?:\n" + _LITERAL.pattern + rb")*+")
-_CONTENT_KEY = re.compile(rb'"content"\s*:\s*')
+# The text's key, with the spacing `learn` accepts around its colon, by kind.
+_KEYS = {
+    "content": (b'"content"', re.compile(rb'"content"\s*:\s*')),
+    "reasoning_content": (b'"reasoning_content"', re.compile(rb'"reasoning_content"\s*:\s*')),
+}
 _PROBE = "\x01probe \u00e9"
 _OTHER_PROBE = "\x02probe \u00fc"  # for a chunk whose own text is `_PROBE`
 
@@ -75,14 +81,40 @@ class TextTemplate:
             and chunk.role in (None, "assistant")
         )
 
+    @staticmethod
+    def eligible_reasoning(chunk: Chunk) -> bool:
+        """A plain reasoning chunk: thinking text and nothing else, `content` null."""
+        return bool(
+            chunk.reasoning
+            and chunk.content is None
+            and chunk.has_choice
+            and chunk.finish_reason is None
+            and chunk.usage is None
+            and not chunk.tool_calls
+            and chunk.role in (None, "assistant")
+        )
+
     @classmethod
-    def learn(cls, payload: bytes, chunk: Chunk) -> TextTemplate | None:
-        """A template from a plain text chunk (`payload` parsed as `chunk`), else None."""
-        if not cls.eligible(chunk) or payload.count(b'"content"') != 1:
+    def learn(cls, payload: bytes, chunk: Chunk, *, reasoning: bool = False) -> TextTemplate | None:
+        """A template from a plain text chunk (`payload` parsed as `chunk`), else None; with
+        `reasoning`, from a plain reasoning chunk, standing for its `reasoning_content`."""
+        if reasoning:
+            name, original = "reasoning_content", chunk.reasoning
+            if not cls.eligible_reasoning(chunk):
+                return None
+        else:
+            name, original = "content", chunk.content
+            if not cls.eligible(chunk):
+                return None
+        quoted, key_pattern = _KEYS[name]
+        # Once: a second key of that name (escaped or not) is what the probe below is for,
+        # but two plain ones cannot be told apart here. `"content"` does not occur inside
+        # `"reasoning_content"` (the quote), so the two kinds never count each other.
+        if payload.count(quoted) != 1:
             return None
         if not _one_line(payload):  # not the one-line `data:` payload a template stands for
             return None
-        key = _CONTENT_KEY.search(payload)
+        key = key_pattern.search(payload)
         if key is None:
             return None
         literal = _LITERAL.match(payload, key.end())
@@ -93,16 +125,16 @@ class TextTemplate:
         # another text must be the same JSON document with only that text changed. The probe
         # must differ from the chunk's own text, or finding it there would prove nothing (the
         # literal might sit under a key that a later duplicate overrides).
-        text = _PROBE if chunk.content != _PROBE else _OTHER_PROBE
+        text = _PROBE if original != _PROBE else _OTHER_PROBE
         try:
             probe = jsonutil.loads(prefix + jsonutil.dumps(text) + suffix)
             # Where `parse_upstream_event` takes the text from, by the same function.
             delta = choice_delta(probe["choices"][0])
         except (jsonutil.JSONDecodeError, LookupError, TypeError, AttributeError):
             return None
-        if type(delta) is not dict or delta.get("content") != text:
+        if type(delta) is not dict or delta.get(name) != text:
             return None
-        delta["content"] = chunk.content
+        delta[name] = original
         if probe != chunk.raw:  # the whole document, fields no `Chunk` keeps included
             return None
         return cls(prefix, suffix)

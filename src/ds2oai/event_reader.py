@@ -5,8 +5,9 @@
 dropped; payloads that are not JSON objects are counted, logged and skipped; upstream error
 messages are cleaned of control characters and secrets. With templates on, consecutive
 payloads that fit the stream's text template (`chunk_template`) become one `TextDelta`
-without JSON parsing; everything else is parsed in full. A template is learned only from a
-parsed plain text chunk, so a dialect always sees a full `Chunk` before the first `TextDelta`.
+without JSON parsing, and those that fit its reasoning template one `ReasoningDelta`;
+everything else is parsed in full. A template is learned only from a parsed chunk of its kind,
+so a dialect always sees a full `Chunk` before the first `TextDelta` or `ReasoningDelta`.
 Touches only the exchange's trace; no I/O.
 """
 
@@ -20,6 +21,7 @@ from ds2oai.chunk_template import TextTemplate
 from ds2oai.events import (
     Chunk,
     MalformedChunk,
+    ReasoningDelta,
     TextDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
@@ -37,14 +39,24 @@ _LEARN_ATTEMPTS = 4  # text templates tried per stream before giving up on the b
 
 
 class EventReader:
-    __slots__ = ("_decoder", "_exchange", "_learn", "_secrets", "_template")
+    __slots__ = (
+        "_decoder",
+        "_exchange",
+        "_learn",
+        "_learn_reasoning",
+        "_reasoning",
+        "_secrets",
+        "_template",
+    )
 
     def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
         self._exchange = exchange
         self._secrets = secrets
         self._decoder = SSEDecoder()
         self._template: TextTemplate | None = None
+        self._reasoning: TextTemplate | None = None
         self._learn = _LEARN_ATTEMPTS if templates else 0
+        self._learn_reasoning = _LEARN_ATTEMPTS if templates else 0
 
     def restart(self) -> None:
         """A new upstream body (a resumed stream) starts with a clean decoder."""
@@ -55,6 +67,14 @@ class EventReader:
         template, nothing pending before it: what `read(data)` would return as a one-literal
         `TextDelta`, found without decoding events. None otherwise (then `read()` it)."""
         template = self._template
+        if template is None or not self._decoder.between_events(len(data)):
+            return None
+        return template.event_literal(data)
+
+    def reasoning_literal(self, data: bytes) -> bytes | None:
+        """`text_literal` for one whole plain reasoning chunk (the reasoning template's): what
+        `read(data)` would return as a one-literal `ReasoningDelta`. None otherwise."""
+        template = self._reasoning
         if template is None or not self._decoder.between_events(len(data)):
             return None
         return template.event_literal(data)
@@ -106,8 +126,17 @@ class EventReader:
         literal = template.match(payload) if template is not None else None
         if literal is not None:
             self._text([literal], events)
-        else:
-            self._parsed(payload.decode("utf-8", "replace"), payload, events)
+            return
+        template = self._reasoning
+        literal = template.match(payload) if template is not None else None
+        if literal is not None:
+            last = events[-1] if events else None
+            if type(last) is ReasoningDelta:
+                last.literals.append(literal)
+            else:
+                events.append(ReasoningDelta([literal]))
+            return
+        self._parsed(payload.decode("utf-8", "replace"), payload, events)
 
     @staticmethod
     def _text(literals: list[bytes], events: list[UpstreamEvent]) -> None:
@@ -133,6 +162,12 @@ class EventReader:
                 # A plain text chunk the template did not fit (or there is none yet).
                 self._learn -= 1
                 self._template = TextTemplate.learn(raw, event) or self._template
+            elif (
+                self._learn_reasoning and raw is not None and TextTemplate.eligible_reasoning(event)
+            ):
+                self._learn_reasoning -= 1
+                learned = TextTemplate.learn(raw, event, reasoning=True)
+                self._reasoning = learned or self._reasoning
         elif isinstance(event, UpstreamErrorEvent):
             # The upstream's words go to the client: bounded, no control chars, no keys.
             event = UpstreamErrorEvent(

@@ -2,9 +2,10 @@
 
 `parse_upstream_event()` turns one upstream SSE `data` payload into exactly one of `Chunk`,
 `UpstreamErrorEvent` or `Done`, or raises `MalformedChunk`; it tolerates missing or empty
-`choices`, `null` content and extra fields. `TextDelta` is the byte-level short form of a
-plain text `Chunk` (see `chunk_template`). The end of the upstream body and its failures
-are given to the dialects as `EndOfBody` and `StreamBroken`. Pure data; no I/O.
+`choices`, `null` content and extra fields. `TextDelta` is the byte-level short form of a plain
+text `Chunk` (see `chunk_template`), `ReasoningDelta` that of a plain reasoning one. The end of
+the upstream body and its failures are given to the dialects as `EndOfBody` and `StreamBroken`.
+Pure data; no I/O.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "Done",
     "EndOfBody",
     "MalformedChunk",
+    "ReasoningDelta",
     "StreamBroken",
     "TextDelta",
     "ToolCallDelta",
@@ -69,6 +71,14 @@ class TextDelta:
     literals: list[bytes]
 
 
+@dataclass(slots=True)
+class ReasoningDelta:
+    """`TextDelta` for a reasoning model's thinking: consecutive plain reasoning chunks that
+    repeat the stream's learned reasoning template except for their `reasoning_content`."""
+
+    literals: list[bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamErrorEvent:
     """`data: {"error": {...}}` sent by the upstream inside a stream."""
@@ -95,7 +105,9 @@ class StreamBroken:
     timeout: bool = False
 
 
-UpstreamEvent = Chunk | TextDelta | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
+UpstreamEvent = (
+    Chunk | TextDelta | ReasoningDelta | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
+)
 
 _DONE = Done()
 

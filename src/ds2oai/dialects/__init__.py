@@ -19,8 +19,8 @@ OUTCOMES = ("completed", "upstream_broken", "upstream_error", "timeout", "client
 
 class Dialect(Protocol):
     media_type: str
-    # True: may be fed `TextDelta` (the byte-level form of a plain text chunk) once it has
-    # seen a full `Chunk`; False: only ever gets parsed events.
+    # True: may be fed `TextDelta` and `ReasoningDelta` (the byte-level forms of a plain text
+    # or reasoning chunk) once it has seen a full `Chunk`; False: only ever gets parsed events.
     text_literals: bool
 
     @property
@@ -33,3 +33,6 @@ class Dialect(Protocol):
     def feed_text(self, literal: bytes) -> bytes:
         """`feed(TextDelta([literal]))` without building the event: the hot path of a paced
         stream. Only called on a dialect with `text_literals`."""
+
+    def feed_reasoning(self, literal: bytes) -> bytes:
+        """`feed(ReasoningDelta([literal]))` without building the event, as `feed_text`."""

@@ -2,11 +2,11 @@
 
 States: WAITING (nothing sent) -> STREAMING (the first chunk went out) -> FINISHING (a
 finish_reason was seen; waiting for `[DONE]` or the end of the body, usage may still come) ->
-ENDED. This class turns every upstream event into one of four hooks — `_chunk`, `_text` (the
-byte-level form of a plain text chunk), `_completed`, `_error` — so a dialect only says how each
-looks on its wire. A stream completes only after a finish_reason; once FINISHING, a broken body
-still completes (the answer is whole, only `[DONE]` or a late usage chunk is lost); nothing is
-emitted after ENDED.
+ENDED. This class turns every upstream event into one of five hooks — `_chunk`, `_text` and
+`_reasoning` (the byte-level forms of a plain text or reasoning chunk), `_completed`, `_error` —
+so a dialect only says how each looks on its wire. A stream completes only after a
+finish_reason; once FINISHING, a broken body still completes (the answer is whole, only `[DONE]`
+or a late usage chunk is lost); nothing is emitted after ENDED.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ds2oai.events import (
     Chunk,
     Done,
     EndOfBody,
+    ReasoningDelta,
     StreamBroken,
     TextDelta,
     UpstreamErrorEvent,
@@ -61,6 +62,8 @@ class ChunkDialect:
             return self._text(event.literals) if self._state is State.STREAMING else b""
         if isinstance(event, Chunk):
             return self._chunk(event)
+        if type(event) is ReasoningDelta:
+            return self._reasoning(event.literals) if self._state is State.STREAMING else b""
         if isinstance(event, Done | EndOfBody):
             if self._state is State.FINISHING:
                 return self._end_completed()
@@ -76,6 +79,9 @@ class ChunkDialect:
 
     def feed_text(self, literal: bytes) -> bytes:
         return self._text([literal]) if self._state is _STREAMING else b""
+
+    def feed_reasoning(self, literal: bytes) -> bytes:
+        return self._reasoning([literal]) if self._state is _STREAMING else b""
 
     def _end_completed(self) -> bytes:
         self._state = State.ENDED
@@ -94,6 +100,11 @@ class ChunkDialect:
 
     def _text(self, literals: list[bytes]) -> bytes:
         """Plain text chunks, each text given as a valid JSON string literal."""
+        raise NotImplementedError
+
+    def _reasoning(self, literals: list[bytes]) -> bytes:
+        """Plain reasoning chunks, each `reasoning_content` given as a valid JSON string
+        literal."""
         raise NotImplementedError
 
     def _completed(self) -> bytes:

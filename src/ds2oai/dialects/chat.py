@@ -34,6 +34,8 @@ class ChatDialect(ChunkDialect):
         "_id",
         "_include_usage",
         "_model",
+        "_reasoning_glue",
+        "_reasoning_head",
         "_text_glue",
         "_text_head",
         "_text_tail",
@@ -51,6 +53,8 @@ class ChatDialect(ChunkDialect):
         self._text_head = b""
         self._text_tail = b""
         self._text_glue = b""
+        self._reasoning_head = b""
+        self._reasoning_glue = b""
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -83,6 +87,11 @@ class ChatDialect(ChunkDialect):
             )
             self._text_head = b"data: " + self._text_head
             self._text_glue = self._text_tail + self._text_head
+            # A thinking chunk has the same envelope; its delta holds only the reasoning text.
+            self._reasoning_head = (
+                b"data: " + head[:cut] + b'"choices":[{"index":0,"delta":{"reasoning_content":'
+            )
+            self._reasoning_glue = self._text_tail + self._reasoning_head
         if self._state is State.FINISHING or not chunk.has_choice:
             return b""  # usage-only chunks are re-emitted in OpenAI form at the end
         finish = chunk.finish_reason
@@ -133,6 +142,11 @@ class ChatDialect(ChunkDialect):
         if len(literals) == 1:  # a paced stream's usual read: no join
             return self._text_head + literals[0] + self._text_tail
         return self._text_head + self._text_glue.join(literals) + self._text_tail
+
+    def _reasoning(self, literals: list[bytes]) -> bytes:
+        if len(literals) == 1:
+            return self._reasoning_head + literals[0] + self._text_tail
+        return self._reasoning_head + self._reasoning_glue.join(literals) + self._text_tail
 
     def _completed(self) -> bytes:
         out = b""

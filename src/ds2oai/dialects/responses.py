@@ -220,6 +220,9 @@ class ResponsesDialect:
     def feed_text(self, literal: bytes) -> bytes:
         raise TypeError("text_literals is False: this dialect takes parsed chunks only")
 
+    def feed_reasoning(self, literal: bytes) -> bytes:
+        raise TypeError("text_literals is False: this dialect takes parsed chunks only")
+
     @property
     def outcome(self) -> str | None:
         return self._outcome

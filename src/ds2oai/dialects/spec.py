@@ -93,6 +93,9 @@ class SpecDialect(ChunkDialect):
             out = out.replace(head + b'""}\n\n', b"")
         return out
 
+    def _reasoning(self, literals: list[bytes]) -> bytes:
+        return b""  # SPEC §3 has no event for thinking (as in `_chunk`)
+
     def _completed(self) -> bytes:
         return encode_event(
             "response.completed",

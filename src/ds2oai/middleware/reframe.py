@@ -184,9 +184,9 @@ async def _next(body: Body) -> bytes | None:
 
 
 class _Tap:
-    """What the loop in `Reframe._stream` does with a read that is one plain text chunk, as a
-    callback for the upstream connection (`UpstreamBody.splice(tap.take)`): the dialect's
-    bytes go straight to the client. Anything else is declined and left to the loop, as is
+    """What the loop in `Reframe._stream` does with a read that is one plain text or reasoning
+    chunk, as a callback for the upstream connection (`UpstreamBody.splice(tap.take)`): the
+    dialect's bytes go straight to the client. Anything else is declined and left to the loop, as is
     everything while the client is gone or slow (the sink's writes wait for it; these cannot).
     A class rather than a closure: two objects per stream (it and its bound `take`) instead of
     a function, its cells and bound methods, which the cyclic GC would walk for as long as the
@@ -203,10 +203,15 @@ class _Tap:
         downstream = self._downstream
         if downstream.blocked:
             return False
-        literal = self._reader.text_literal(data)
-        if literal is None:
-            return False
-        produced = self._dialect.feed_text(literal)
+        reader = self._reader
+        literal = reader.text_literal(data)
+        if literal is not None:
+            produced = self._dialect.feed_text(literal)
+        else:
+            literal = reader.reasoning_literal(data)
+            if literal is None:
+                return False
+            produced = self._dialect.feed_reasoning(literal)
         if produced:
             downstream.write(produced)
         return True
@@ -357,6 +362,7 @@ class Reframe:
         try:
             while True:
                 literal: bytes | None = None  # the read was one text chunk: no events
+                reasoning = False  # ... or one reasoning chunk
                 events: list[UpstreamEvent]
                 try:
                     if not started and self._keepalive > 0:
@@ -392,6 +398,9 @@ class Reframe:
                             data = None
                         else:
                             literal = reader.text_literal(data)
+                            if literal is None:
+                                literal = reader.reasoning_literal(data)
+                                reasoning = literal is not None
                     if literal is None:
                         events = [EndOfBody()] if data is None else reader.read(data)
                 except UpstreamStreamError as exc:
@@ -401,7 +410,10 @@ class Reframe:
                 if literal is not None:
                     # A paced stream's usual read, one plain text chunk: what the loop below
                     # makes of it (a text delta never ends the stream), without its lists.
-                    produced = dialect.feed_text(literal)
+                    if reasoning:
+                        produced = dialect.feed_reasoning(literal)
+                    else:
+                        produced = dialect.feed_text(literal)
                     if produced:
                         sent = started = True
                         offered = yield produced
@@ -444,7 +456,11 @@ class Reframe:
                     if dialect.outcome is not None:
                         yield LastChunk(b"".join(parts))
                         return
-                    yield b"".join(parts)
+                    # Kept from here too: a read that the dialect turns into nothing (thinking
+                    # on the spec route) may then be spliced before any text was.
+                    offered = yield b"".join(parts)
+                    if offered is not None:
+                        downstream = offered
                 if dialect.outcome is not None:
                     return
                 if resumed is not None:
