@@ -314,6 +314,26 @@ def test_the_chat_dialect_writes_thinking_as_its_parsed_path_does() -> None:
     assert SpecDialect("gpt").feed_reasoning(b'"x"') == b""  # the spec route has no thinking
 
 
+def test_a_template_learned_while_a_run_is_flushed_does_not_cut_the_next_run() -> None:
+    # A run flushed before an event with an `id:` line falls back to parsing, which learns a
+    # template with another prefix; the payloads after it were cut with that one's lengths.
+    fits = payload("first")
+    at = fits.index(b'"first"')
+    prefix, suffix = fits[:at], fits[at + len(b'"first"') :]
+
+    def event(middle: bytes) -> bytes:
+        return b"data: " + prefix + middle + suffix + b"\n\n"
+
+    pieces = [
+        event(b'"first"'),
+        event(b'  "Hi"') + b"id: 7\n" + event(b'"named"') + event(b'"\\"x"'),
+    ]
+    for make in (lambda: SpecDialect("gpt"), lambda: ChatDialect("gpt")):
+        slow = _decoded(_client_bytes(make(), pieces, templates=False))
+        assert _decoded(_client_bytes(make(), pieces, templates=True)) == slow
+        assert '\\"x' in json.dumps(slow)  # the last text, `"x`, as the parsed path has it
+
+
 def test_the_shortcut_takes_whole_text_events_only() -> None:
     reader = EventReader(make_exchange(), (), templates=True)
     event = b"data: " + payload("w1 ") + b"\n\n"

@@ -59,7 +59,7 @@ class Downstream(Protocol):
     A stage that wraps the body therefore sees every byte, whatever it does with sent values
     or attribute reads. A taker writes nothing after it yielded a `LastChunk` (the sink may
     still hold that item while it looks ahead).
-    `reframe` does this for paced text chunks (see `http1.Response.splice`).
+    `reframe` does this for paced text and thinking chunks (see `http1.Response.splice`).
     """
 
     @property

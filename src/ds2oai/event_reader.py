@@ -35,7 +35,7 @@ __all__ = ["EventReader"]
 
 log = logging.getLogger("ds2oai.reframe")
 
-_LEARN_ATTEMPTS = 4  # text templates tried per stream before giving up on the byte path
+_LEARN_ATTEMPTS = 4  # templates tried per stream and kind before giving up on the byte path
 
 
 class EventReader:
@@ -93,7 +93,7 @@ class EventReader:
                     run.append(item)
                     continue
                 if run:
-                    self._run(run, events)
+                    self._run(run, template, events)
                     run = []
                 self._payload(item, events)
                 template = self._template  # may have been learned from this payload
@@ -104,15 +104,19 @@ class EventReader:
             else:
                 assert isinstance(item, SSEEvent)
                 if run:
-                    self._run(run, events)
+                    self._run(run, template, events)
                     run = []
+                    template = self._template  # the run's fallback may have learned one
                 self._parsed(item.data, None, events)
         if run:
-            self._run(run, events)
+            self._run(run, template, events)
         return events
 
-    def _run(self, run: list[bytes], events: list[UpstreamEvent]) -> None:
-        template = self._template
+    def _run(
+        self, run: list[bytes], template: TextTemplate | None, events: list[UpstreamEvent]
+    ) -> None:
+        # `template` is the one the run's payloads were found to start and end with: only its
+        # lengths cut them right (a fallback below may learn another one meanwhile).
         assert template is not None
         literals = template.literals(run)
         if literals is not None:

@@ -40,7 +40,8 @@ _STREAMING = State.STREAMING  # read per text chunk: a module global, not a clas
 
 class ChunkDialect:
     media_type = "text/event-stream"
-    # Takes `TextDelta` (a text chunk as the upstream's JSON string literal) via `_text`.
+    # Takes `TextDelta` and `ReasoningDelta` (a text or thinking chunk as the upstream's JSON
+    # string literal) via `_text` and `_reasoning`.
     text_literals = True
 
     __slots__ = ("_outcome", "_state")

@@ -4,14 +4,14 @@ Reads: the upstream reply (status, content type, body bytes) and `exchange.diale
 Changes: a non-200 reply passes through untouched (`retry`, `rate_limit` and the error boundary
 act on it wherever they sit); a 200 that is not SSE becomes a `ClientError`; a 200 SSE body is
 turned into events by an `event_reader.EventReader` (SSE decoder, JSON or the byte-level text
-template) and fed to the exchange's dialect, yielding one write per upstream read. A failure
+templates) and fed to the exchange's dialect, yielding one write per upstream read. A failure
 before the first downstream byte is raised as a `ClientError` (a plain HTTP error); after it,
 the dialect ends the stream with its terminal error event. Non-JSON chunks are skipped and
 logged with the request id. `"stream": false` collects the whole answer into one JSON object.
 When the sink offers the client's connection (`chain.Downstream`) and the upstream sends one
-plain text chunk per read (a paced stream), those reads are re-framed and written from the
-upstream connection's read callback (`_Tap`) until one is anything else; the bytes and their
-order are what this loop would have yielded.
+plain text or thinking chunk per read (a paced stream), those reads are re-framed and written
+from the upstream connection's read callback (`_Tap`) until one is anything else; the bytes and
+their order are what this loop would have yielded.
 Until the first event goes out (DeepSeek queues requests, sending only `: keep-alive`), an SSE
 comment goes downstream every `server.keepalive_interval` seconds so proxies do not cut the
 client, whether or not the upstream sends comments of its own.
@@ -408,8 +408,9 @@ class Reframe:
                 except SSEDecodeError as exc:
                     events = [StreamBroken(str(exc))]
                 if literal is not None:
-                    # A paced stream's usual read, one plain text chunk: what the loop below
-                    # makes of it (a text delta never ends the stream), without its lists.
+                    # A paced stream's usual read, one plain text or thinking chunk: what the
+                    # loop below makes of it (such a delta never ends the stream), without its
+                    # lists.
                     if reasoning:
                         produced = dialect.feed_reasoning(literal)
                     else:
