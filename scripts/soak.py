@@ -5,11 +5,12 @@
 Starts the bundled mock upstream (uvicorn) and `ds2oai serve` as child processes, and the chaos
 proxy in this process between them (each upstream connection gets a random fault: reset, stall,
 truncation at an SSE event boundary, random splits, slow drip, or none). Workers then send, for
-`--seconds`: normal streams (both streaming dialects, and non-streaming requests), streams the
-mock breaks itself (`test_mode` stream_error, error_event, malformed, insufficient_system_resource,
-rate_limit, server_error, slow, keepalive), clients that go away mid-stream, and bad inputs
-(invalid JSON, oversized bodies, wrong methods, deep nesting, unknown modes, non-HTTP bytes,
-half requests). Every answer is classified:
+`--seconds`: normal streams (both streaming dialects, and non-streaming requests),
+deepseek-reasoner streams (thinking, then text; on the chat route the thinking is checked too),
+streams the mock breaks itself (`test_mode` stream_error, error_event, malformed,
+insufficient_system_resource, rate_limit, server_error, slow, keepalive), clients that go away
+mid-stream, and bad inputs (invalid JSON, oversized bodies, wrong methods, deep nesting, unknown
+modes, non-HTTP bytes, half requests). Every answer is classified:
 
 * completed-exact: the whole expected text, once, in order, and a success end;
 * typed error: a prefix of the expected text then exactly one terminal error event of a type
@@ -55,7 +56,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mock_upstream.mock_deepseek_sse import NORMAL_TOKENS  # noqa: E402
+from mock_upstream.mock_deepseek_sse import NORMAL_TOKENS, REASONING_TOKENS  # noqa: E402
 from tests.chaos_proxy import ChaosProxy, mixed_policy  # noqa: E402
 from tests.sse_client import parse_events  # noqa: E402
 
@@ -71,7 +72,8 @@ class Scenario:
     """One kind of request and what may legitimately come back.
 
     `tokens`: the upstream's text chunks (a stream must carry a prefix of them, and all of them
-    when it completes); `complete`: a success end is allowed; `stream_errors`: terminal error
+    when it completes); `thinking`: the same for its thinking chunks on the chat route (the spec
+    route shows no thinking); `complete`: a success end is allowed; `stream_errors`: terminal error
     types allowed after the first byte (besides `upstream_stream_broken`, always allowed: the
     chaos proxy may cut any stream); `http`: (status, type) allowed before the first byte
     (besides the chaos proxy's 502/504)."""
@@ -80,6 +82,7 @@ class Scenario:
     weight: float
     body: dict[str, Any]
     tokens: tuple[str, ...] = NORMAL_TOKENS
+    thinking: tuple[str, ...] = ()
     complete: bool = True
     stream_errors: frozenset[str] = frozenset()
     http: frozenset[tuple[int, str]] = frozenset()
@@ -113,6 +116,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         2,
         _chat("long", mock_tokens=len(LONG)),
         tokens=LONG,
+        route="/openai/v1/chat/completions",
+    ),
+    Scenario("reasoning", 2, _chat("reasoning", model="deepseek-reasoner")),
+    Scenario(
+        "chat_reasoning",
+        2,
+        _chat("reasoning", model="deepseek-reasoner"),
+        thinking=REASONING_TOKENS,
         route="/openai/v1/chat/completions",
     ),
     Scenario("non_stream", 2, _chat(stream=False)),
@@ -286,6 +297,9 @@ def verify_chat(s: Scenario, body: bytes) -> str:
     chunks = [o for o in objs if "error" not in o and o.get("choices")]
     pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:]]
     _prefix([p for p in pieces if p], s.tokens)
+    thoughts = [c["choices"][0]["delta"].get("reasoning_content") for c in chunks]
+    thoughts = [t for t in thoughts if t]
+    _prefix(thoughts, s.thinking)
     if errors:
         if errors[0]["type"] != BROKEN and errors[0]["type"] not in s.stream_errors:
             raise Verdict("lost", f"unexpected error chunk {errors[0]}")
@@ -293,6 +307,8 @@ def verify_chat(s: Scenario, body: bytes) -> str:
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
     if not s.complete or not finish or [p for p in pieces if p] != list(s.tokens):
         raise Verdict("lost", f"ended as a success without the whole text: finish={finish}")
+    if thoughts != list(s.thinking):
+        raise Verdict("lost", f"ended as a success without the whole thinking: {thoughts[-3:]}")
     return "completed"
 
 
