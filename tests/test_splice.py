@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ import pytest
 from aiohttp import web
 
 from ds2oai import http1
+from ds2oai.chain import takes_downstream, wants_downstream
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.event_reader import EventReader
+from ds2oai.middleware import reframe as reframe_module
+from ds2oai.middleware.limits import _GuardedBody
 from ds2oai.middleware.reframe import _Tap
 from ds2oai.server import create_app
 from ds2oai.upstream import UpstreamBody
@@ -40,6 +43,8 @@ from tests.loopback import RawServer, chunk
 from tests.sse_client import Event, parse_events, read_events, spec_text
 from tests.test_extras import write_config
 from tests.test_http1 import OK_CHUNKED, Reader, Writer, read_request
+from tests.test_limits import CHAIN as LIMITED
+from tests.test_limits import wait_admitted
 
 TOKENS = [f"t{i}é " for i in range(12)]  # distinct: a lost or repeated one shows
 TEXT = "".join(TOKENS)
@@ -385,6 +390,90 @@ async def test_a_client_leaving_while_spliced_closes_the_upstream_at_once(
     started = time.monotonic()
     await fault_upstream.wait_client_disconnect(timeout=3)
     assert time.monotonic() - started < 2
+
+
+async def test_per_key_limits_pass_the_splice_on_and_get_their_pulls(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The limits stage wraps the body only to release its slot and renew its lease: the sink
+    # offers the client's connection through it, and while spliced `reframe` still yields an
+    # empty item every turn (shortened here), on which the lease renewals run.
+    monkeypatch.setattr(reframe_module, "_SPLICE_TURN", 0.05)
+    pulled: list[bytes] = []
+    original = _GuardedBody._pull
+
+    async def spy(self: _GuardedBody, value: Any) -> bytes:
+        item = await original(self, value)
+        pulled.append(item)
+        return item
+
+    monkeypatch.setattr(_GuardedBody, "_pull", spy)
+    tokens = [f"t{i}é " for i in range(24)]  # 24 x 30 ms: several turns
+    fault_upstream.queue(sse_script(text_events(tokens), delay=PACE))
+    server = await gateway(
+        fault_upstream.url, limits={"concurrent_streams": 1}, middleware={"chain": LIMITED}
+    )
+    url = server.make_url("/v1/chat/completions")
+    async with client.post(url, json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert spec_text(events) == "".join(tokens)
+    assert [e.event for e in events].count("response.output_text.delta") == len(tokens)
+    assert events[-1].event == "response.completed"
+    # Spliced through the limits' body (each short turn hands one read to the loop).
+    assert len(taken) >= len(tokens) // 4
+    assert pulled.count(b"") >= 2  # the turns' empty items reached the limits' body
+    assert not [e for e in events if not e.data]  # and nothing of them reached the client
+    await wait_admitted(client, url)  # the slot came back once the answer ended
+
+
+async def test_a_client_leaving_a_spliced_limited_stream_gives_its_slot_back(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    tokens = [f"t{i} " for i in range(200)]  # 6 s at this pace: it is left long before
+    fault_upstream.queue(sse_script(text_events(tokens), delay=PACE))
+    server = await gateway(
+        fault_upstream.url, limits={"concurrent_streams": 1}, middleware={"chain": LIMITED}
+    )
+    url = server.make_url("/v1/chat/completions")
+    resp = await client.post(url, json=body(stream=True))
+    assert resp.status == 200
+    for _ in range(200):
+        if len(taken) >= 3:
+            break
+        await asyncio.sleep(0.02)
+    assert len(taken) >= 3  # spliced through the limits' body by now
+    async with client.post(url, json=body(stream=True)) as second:
+        assert second.status == 429  # the one slot is held
+    resp.close()
+    await fault_upstream.wait_client_disconnect(timeout=3)
+    await wait_admitted(client, url)
+
+
+def test_only_registered_wrapper_classes_pass_the_offer_on() -> None:
+    @takes_downstream
+    async def taker() -> AsyncGenerator[bytes, Any]:
+        yield b"x"
+
+    async def other() -> AsyncGenerator[bytes, None]:
+        yield b"x"
+
+    async def release() -> None:
+        return None
+
+    class Subclass(_GuardedBody):
+        pass
+
+    assert wants_downstream(_GuardedBody(taker(), release))
+    assert wants_downstream(_GuardedBody(_GuardedBody(taker(), release), release))
+    assert not wants_downstream(_GuardedBody(other(), release))
+    assert not wants_downstream(Subclass(taker(), release))  # the exact class only
 
 
 async def test_a_lagging_client_gets_every_byte_in_order(

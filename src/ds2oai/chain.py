@@ -7,8 +7,9 @@ handler is the upstream call (`upstream.py`). A middleware may replace the excha
 in `finally`. Bodies are lazy: nothing reaches the client until the sink in server.py pulls the
 first item, so retry and error translation work until then. The sink may hand the client's
 connection (`Downstream`) to a body it reads unwrapped from a generator that asked for it
-(`takes_downstream`; `reframe` does). This module builds the chain from `[middleware] chain`
-once at start-up and refuses to start on any bad entry, naming it.
+(`takes_downstream`; `reframe` does), or through a wrapper class that declared it needs none of
+the items (`passes_downstream`; the per-key limits' body does). This module builds the chain
+from `[middleware] chain` once at start-up and refuses to start on any bad entry, naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import AsyncGeneratorType, CodeType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from ds2oai import jsonutil
 from ds2oai.config import Config
@@ -39,6 +40,7 @@ __all__ = [
     "Trace",
     "build_middleware",
     "fold",
+    "passes_downstream",
     "single",
     "takes_downstream",
     "wants_downstream",
@@ -52,13 +54,14 @@ class Downstream(Protocol):
     """The client's connection, which the sink offers to a body that asked for it.
 
     Only a body made by a `takes_downstream` generator function that reaches the sink as it is
-    (no stage wrapped it) gets it: the sink sends it with every pull after the first
-    (`body.asend(downstream)`).
+    (no stage wrapped it, or only `passes_downstream` wrappers) gets it: the sink sends it with
+    every pull after the first (`body.asend(downstream)`).
     Such a body may write items straight to the client while the sink waits on the pull: they
     go out in order, after the item the sink wrote last and before the one the pull returns.
     A stage that wraps the body therefore sees every byte, whatever it does with sent values
-    or attribute reads. A taker writes nothing after it yielded a `LastChunk` (the sink may
-    still hold that item while it looks ahead).
+    or attribute reads, unless its wrapper class is registered with `passes_downstream`. A
+    taker writes nothing after it yielded a `LastChunk` (the sink may still hold that item
+    while it looks ahead).
     `reframe` does this for paced text and thinking chunks (see `http1.Response.splice`).
     """
 
@@ -77,6 +80,8 @@ class Downstream(Protocol):
 
 
 _TAKERS: set[CodeType] = set()
+_PASSERS: set[type] = set()
+_C = TypeVar("_C", bound=type)
 
 
 def takes_downstream(func: _F) -> _F:
@@ -86,12 +91,29 @@ def takes_downstream(func: _F) -> _F:
     return func
 
 
+def passes_downstream(cls: _C) -> _C:
+    """Class decorator for a body wrapper that needs none of its body's items (it only acts
+    when pulled, ended or closed) and keeps the body it wraps as `source`: its `asend(value)`
+    must send `value` on to `source`. The sink may then offer its `Downstream` through the
+    wrapper, and items written that way never pass it. A taker still yields now and then while
+    it writes directly (`reframe`: an empty item at least every minute), so such a wrapper's
+    time-based work (a lease renewal) keeps going. Only the exact class is trusted, not its
+    subclasses."""
+    _PASSERS.add(cls)
+    return cls
+
+
 def wants_downstream(body: object) -> bool:
-    """Whether the sink may offer `body` its `Downstream`: `body` itself, not a wrapper around
-    it, comes from a `takes_downstream` function. No per-request state: nothing to allocate.
-    The exact type is checked first: a proxy that forwards attribute reads (`__getattr__`)
-    would otherwise pass for the generator it wraps."""
-    return type(body) is AsyncGeneratorType and body.ag_code in _TAKERS
+    """Whether the sink may offer `body` its `Downstream`: `body` comes from a
+    `takes_downstream` function, itself or inside `passes_downstream` wrappers only. No
+    per-request state: nothing to allocate. Exact types are checked: a proxy that forwards
+    attribute reads (`__getattr__`) would otherwise pass for the generator it wraps."""
+    kind = type(body)
+    if kind is AsyncGeneratorType:
+        return cast(AsyncGeneratorType[Any, Any], body).ag_code in _TAKERS
+    if kind in _PASSERS:
+        return wants_downstream(cast(Any, body).source)
+    return False
 
 
 class LastChunk(bytes):

@@ -31,10 +31,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, Final, cast
 
-from ds2oai.chain import Body, Exchange, Next, Reply, Trace
+from ds2oai.chain import Body, Exchange, Next, Reply, Trace, passes_downstream
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, ConfigError
 from ds2oai.limits import (
@@ -145,12 +145,16 @@ def _refusal(rule: KeyRule, decision: Decision, headers: Mapping[str, str]) -> C
     )
 
 
+@passes_downstream
 class _GuardedBody(collections.abc.AsyncGenerator[bytes, None]):
     """`source`, calling `on_close` exactly once when it ends, fails or is closed.
 
     A class, not an async generator: an async generator closed before its first item never
     runs its `finally`, and the slot would leak. `renew` runs between items every
-    `renew_every` seconds (a long stream keeps its concurrency lease).
+    `renew_every` seconds (a long stream keeps its concurrency lease). It needs none of the
+    items, so it passes the sink's `Downstream` on (`chain.passes_downstream`): a paced stream
+    behind per-key limits is spliced too, and a spliced `reframe` still yields (empty items)
+    often enough for the renewals.
     """
 
     def __init__(
@@ -169,11 +173,24 @@ class _GuardedBody(collections.abc.AsyncGenerator[bytes, None]):
         self._renewed = clock()
         self._closed = False
 
+    @property
+    def source(self) -> Body:
+        return self._source
+
     async def __anext__(self) -> bytes:
+        return await self._pull(None)
+
+    async def asend(self, value: Any) -> bytes:
+        return await self._pull(value)
+
+    async def _pull(self, value: Any) -> bytes:
         if self._closed:
             raise StopAsyncIteration
         try:
-            item = await anext(self._source)
+            if value is None:
+                item = await anext(self._source)
+            else:  # the sink's Downstream, for the body this one wraps
+                item = await cast("AsyncGenerator[bytes, Any]", self._source).asend(value)
         except BaseException:
             await self.aclose()  # ended, failed or cancelled: give the slot back now
             raise
@@ -181,9 +198,6 @@ class _GuardedBody(collections.abc.AsyncGenerator[bytes, None]):
             self._renewed = self._clock()
             await self._renew()
         return item
-
-    async def asend(self, value: None) -> bytes:
-        return await self.__anext__()
 
     async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
         try:

@@ -132,6 +132,10 @@ _STREAM_HEADERS = {
 
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 _MAX_JSON_ANSWER = 4 * 1024 * 1024
+# Seconds a splice runs before the body yields an empty item: a `passes_downstream` wrapper
+# (the per-key limits' body, whose lease renewals run between items) gets a pull at least this
+# often however long an answer streams. Read at each splice (tests shorten it).
+_SPLICE_TURN = 60.0
 
 
 async def _prepend(first: bytes, rest: Body) -> Body:
@@ -423,7 +427,15 @@ class Reframe:
                     if downstream is not None and type(body) is UpstreamBody:
                         # Reads like this one probably follow: the upstream connection hands
                         # them to the client itself until one is not (or the client lags).
-                        await body.splice(_Tap(reader, dialect, downstream).take)
+                        try:
+                            async with asyncio.timeout(_SPLICE_TURN):
+                                await body.splice(_Tap(reader, dialect, downstream).take)
+                        except TimeoutError:
+                            # A long run: the stages around this body get a pull (an item the
+                            # sink writes as nothing), then the next read splices again.
+                            offered = yield b""
+                            if offered is not None:
+                                downstream = offered
                         if downstream.blocked:
                             await downstream.drain()
                     continue
