@@ -203,14 +203,14 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     seen: list[bytes] = []
     original = UpstreamBody.splice
 
-    async def spy(self: UpstreamBody, tap: Callable[[bytes], bool]) -> None:
+    async def spy(self: UpstreamBody, tap: Callable[[bytes], bool], turn: float) -> bool:
         def recording(data: bytes) -> bool:
             took = tap(data)
             if took:
                 seen.append(data)
             return took
 
-        await original(self, recording)
+        return await original(self, recording, turn)
 
     monkeypatch.setattr(UpstreamBody, "splice", spy)
     return seen

@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from ds2oai import http1, jsonutil
 from ds2oai.balancer import BreakerState, CircuitBreaker, choose
@@ -289,18 +290,21 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         """Bytes are in: the next read returns without waiting."""
         return self._response.ready
 
-    async def splice(self, tap: Callable[[bytes], bool]) -> None:
+    async def splice(self, tap: Callable[[bytes], bool], turn: float) -> bool:
         """Let `tap` take the body's reads as they arrive (`http1.Response.splice`), until it
-        declines one or the answer ends or fails; then the next read returns what is left, the
-        end, or the error. Returns at once when bytes are already waiting. Safe to cancel."""
+        declines one or the answer ends or fails, or for `turn` seconds at most; then the next
+        read returns what is left, the end, or the error. True when the turn ran out. Returns
+        at once when bytes are already waiting. Safe to cancel."""
         if self._done:
-            return
-        waiter = self._response.splice(tap)
+            return False
+        waiter: asyncio.Future[Any] | None = self._response.splice(tap)
         if waiter is None:
-            return
+            return False
+        timer = waiter.get_loop().call_later(turn, _end_turn, waiter)
         try:
-            await waiter
+            return await waiter is True
         finally:
+            timer.cancel()
             self._response.unsplice()
 
     async def asend(self, value: None) -> bytes:
@@ -358,6 +362,11 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         # Pooled again if the whole answer is in (a reader may stop at `[DONE]`, before the
         # chunked terminator it came with); otherwise closed, which stops the upstream.
         self._response.release()
+
+
+def _end_turn(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)  # the connection's own wake-ups resolve it with None
 
 
 async def read_limited(body: Body | bytes, limit: int = 64 * 1024) -> bytes:

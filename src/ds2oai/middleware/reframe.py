@@ -189,9 +189,10 @@ async def _next(body: Body) -> bytes | None:
 
 class _Tap:
     """What the loop in `Reframe._stream` does with a read that is one plain text or reasoning
-    chunk, as a callback for the upstream connection (`UpstreamBody.splice(tap.take)`): the
-    dialect's bytes go straight to the client. Anything else is declined and left to the loop, as is
-    everything while the client is gone or slow (the sink's writes wait for it; these cannot).
+    chunk, as a callback for the upstream connection (`UpstreamBody.splice(tap.take, turn)`):
+    the dialect's bytes go straight to the client. Anything else is declined and left to the
+    loop, as is everything while the client is gone or slow (the sink's writes wait for it;
+    these cannot).
     A class rather than a closure: two objects per stream (it and its bound `take`) instead of
     a function, its cells and bound methods, which the cyclic GC would walk for as long as the
     stream lasts; and a bound method is cheaper to call from C than an instance's `__call__`."""
@@ -427,10 +428,8 @@ class Reframe:
                     if downstream is not None and type(body) is UpstreamBody:
                         # Reads like this one probably follow: the upstream connection hands
                         # them to the client itself until one is not (or the client lags).
-                        try:
-                            async with asyncio.timeout(_SPLICE_TURN):
-                                await body.splice(_Tap(reader, dialect, downstream).take)
-                        except TimeoutError:
+                        tap = _Tap(reader, dialect, downstream).take
+                        if await body.splice(tap, _SPLICE_TURN):
                             # A long run: the stages around this body get a pull (an item the
                             # sink writes as nothing), then the next read splices again.
                             offered = yield b""
