@@ -10,6 +10,7 @@ another stage never bypassed. The first tests drive `http1` directly against raw
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -31,10 +32,15 @@ from ds2oai.server import create_app
 from ds2oai.upstream import UpstreamBody
 from tests.conftest import ROOT, GatewayFactory, make_config, make_exchange
 from tests.fault_upstream import (
+    DONE,
     Close,
+    End,
     FaultUpstream,
     Hang,
+    Head,
     Reset,
+    Send,
+    Sleep,
     sse_script,
     text_events,
 )
@@ -428,6 +434,44 @@ async def test_per_key_limits_pass_the_splice_on_and_get_their_pulls(
     assert pulled.count(b"") >= 2  # the turns' empty items reached the limits' body
     assert not [e for e in events if not e.data]  # and nothing of them reached the client
     await wait_admitted(client, url)  # the slot came back once the answer ended
+
+
+async def test_a_limited_stream_is_pulled_every_turn_while_the_client_gets_nothing(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Thinking on the spec route gives the client nothing, spliced or not; a read of two
+    # events ends a splice early. The limits' body must still be pulled every turn (its lease
+    # renewals), not only when one splice lasts a whole turn.
+    monkeypatch.setattr(reframe_module, "_SPLICE_TURN", 0.3)
+    pulls: list[float] = []
+    original = _GuardedBody._pull
+
+    async def spy(self: _GuardedBody, value: Any) -> bytes:
+        item = await original(self, value)
+        pulls.append(time.monotonic())
+        return item
+
+    monkeypatch.setattr(_GuardedBody, "_pull", spy)
+    steps: list[Any] = [Head(), Send(sse_chunk("", role="assistant")), Sleep(PACE)]
+    steps.append(Send(sse_chunk("a ")))
+    for i in range(100):
+        two = sse_chunk(reasoning=f"x{i} ") if i % 5 == 0 else b""
+        steps += [Sleep(PACE), Send(sse_chunk(reasoning=f"r{i} ") + two)]
+    steps += [Sleep(PACE), Send(sse_chunk("b ")), Send(sse_chunk("", finish_reason="stop"))]
+    steps += [Send(DONE), End()]
+    fault_upstream.queue(tuple(steps))
+    server = await gateway(
+        fault_upstream.url, limits={"concurrent_streams": 1}, middleware={"chain": LIMITED}
+    )
+    async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
+        events = await read_events(r)
+    assert spec_text(events) == "a b "
+    gaps = [b - a for a, b in itertools.pairwise(pulls)]
+    assert len(pulls) >= 8  # about 3 s of thinking, a turn of 0.3 s
+    assert max(gaps) < 0.3 + 0.4  # a turn, plus a read's wait and this machine's jitter
 
 
 async def test_a_client_leaving_a_spliced_limited_stream_gives_its_slot_back(

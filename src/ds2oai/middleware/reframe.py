@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
@@ -132,10 +133,13 @@ _STREAM_HEADERS = {
 
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 _MAX_JSON_ANSWER = 4 * 1024 * 1024
-# Seconds a splice runs before the body yields an empty item: a `passes_downstream` wrapper
-# (the per-key limits' body, whose lease renewals run between items) gets a pull at least this
-# often however long an answer streams. Read at each splice (tests shorten it).
+# Seconds at most between two items once the stream started: when a splice runs that long, or
+# reads give the client nothing for that long, the body yields an empty item (which the sink
+# writes as nothing), so a `passes_downstream` wrapper (the per-key limits' body, whose lease
+# renewals run between items) gets a pull that often however the answer streams. Read at
+# each use (tests shorten it).
 _SPLICE_TURN = 60.0
+_NEVER = math.inf
 
 
 async def _prepend(first: bytes, rest: Body) -> Body:
@@ -358,14 +362,28 @@ class Reframe:
         )
         sent = False  # any byte went downstream: failures are events from now on
         started = False  # the dialect produced output: no more keep-alive comments
+        # Once something was sent and nothing was yielded since: by when to yield an empty item,
+        # so the stages around this body get a pull (see _SPLICE_TURN). Cleared on each yield.
+        pull_by = _NEVER
         pending: asyncio.Task[bytes | None] | None = None
         downstream: Downstream | None = None  # offered by the sink (chain.Downstream)
         # The keep-alive clock runs from the last byte the client got: upstream reads that
         # produce nothing (its own comments) do not reset it. `time.monotonic()` is the loops'
         # own clock (asyncio's and libuv's); Python 3.11's get_running_loop() costs a getpid().
         keepalive_at = time.monotonic() + self._keepalive
+        idle = False  # the last read gave the client nothing (thinking on the spec route...)
         try:
             while True:
+                if idle:
+                    # ... the stages around this body still get pulled now and then.
+                    idle = False
+                    if pull_by == _NEVER:
+                        pull_by = time.monotonic() + _SPLICE_TURN
+                    elif time.monotonic() >= pull_by:
+                        offered = yield b""
+                        pull_by = _NEVER
+                        if offered is not None:
+                            downstream = offered
                 literal: bytes | None = None  # the read was one text chunk: no events
                 reasoning = False  # ... or one reasoning chunk
                 events: list[UpstreamEvent]
@@ -395,6 +413,7 @@ class Reframe:
                             sent = True
                             keepalive_at = time.monotonic() + self._keepalive
                             yield encode_comment()
+                            pull_by = _NEVER
                             continue
                     else:
                         try:  # not anext(body, None): its wrapper is one more frame per read
@@ -423,20 +442,26 @@ class Reframe:
                     if produced:
                         sent = started = True
                         offered = yield produced
+                        pull_by = _NEVER
                         if offered is not None:
                             downstream = offered
                     if downstream is not None and type(body) is UpstreamBody:
                         # Reads like this one probably follow: the upstream connection hands
-                        # them to the client itself until one is not (or the client lags).
+                        # them to the client itself until one is not (or the client lags),
+                        # or until a pull is due.
+                        now = time.monotonic()
+                        if pull_by == _NEVER:
+                            pull_by = now + _SPLICE_TURN
                         tap = _Tap(reader, dialect, downstream).take
-                        if await body.splice(tap, _SPLICE_TURN):
-                            # A long run: the stages around this body get a pull (an item the
-                            # sink writes as nothing), then the next read splices again.
-                            offered = yield b""
+                        if now >= pull_by or await body.splice(tap, pull_by - now):
+                            offered = yield b""  # the sink writes it as nothing
+                            pull_by = _NEVER
                             if offered is not None:
                                 downstream = offered
                         if downstream.blocked:
                             await downstream.drain()
+                    elif sent and not produced:
+                        idle = True
                     continue
                 parts: list[bytes] = []  # joined once: `+=` would copy the growing write
                 resumed: Body | None = None
@@ -471,8 +496,11 @@ class Reframe:
                     # Kept from here too: a read that the dialect turns into nothing (thinking
                     # on the spec route) may then be spliced before any text was.
                     offered = yield b"".join(parts)
+                    pull_by = _NEVER
                     if offered is not None:
                         downstream = offered
+                elif sent:
+                    idle = True
                 if dialect.outcome is not None:
                     return
                 if resumed is not None:
