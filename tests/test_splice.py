@@ -209,7 +209,9 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     seen: list[bytes] = []
     original = UpstreamBody.splice
 
-    async def spy(self: UpstreamBody, tap: Callable[[bytes], bool], turn: float) -> bool:
+    async def spy(
+        self: UpstreamBody, tap: Callable[[bytes], bool], turn: float | None = None
+    ) -> bool:
         def recording(data: bytes) -> bool:
             took = tap(data)
             if took:
@@ -719,6 +721,7 @@ async def test_aiohttp_counts_the_spliced_bytes(
 class _FakeDownstream:
     def __init__(self, blocked: bool) -> None:
         self.blocked = blocked
+        self.wrapped = False
         self.written: list[bytes] = []
 
     def write(self, data: bytes) -> None:

@@ -70,6 +70,12 @@ class Downstream(Protocol):
         """The client is gone or is not keeping up: hand items to the sink, which waits."""
         ...
 
+    @property
+    def wrapped(self) -> bool:
+        """The offer came through `passes_downstream` wrappers, which want a pull now and then
+        (see there); False: the sink reads the taker itself."""
+        ...
+
     def write(self, data: bytes) -> None:
         """One item, framed as the sink frames its writes, written at once."""
         ...

@@ -22,6 +22,7 @@ import re
 import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from types import AsyncGeneratorType
 from typing import Any, cast
 
 from aiohttp import web
@@ -278,15 +279,20 @@ class _Downstream:
     (`writing_paused`), after which `drain()` is the writer's own wait.
     """
 
-    __slots__ = ("_chunked", "_protocol", "_transport", "_writer")
+    __slots__ = ("_chunked", "_protocol", "_transport", "_writer", "wrapped")
 
     def __init__(
-        self, protocol: RequestHandler, writer: StreamWriter, transport: asyncio.Transport
+        self,
+        protocol: RequestHandler,
+        writer: StreamWriter,
+        transport: asyncio.Transport,
+        wrapped: bool,
     ) -> None:
         self._protocol = protocol
         self._transport = transport
         self._writer = writer
         self._chunked = writer.chunked
+        self.wrapped = wrapped
 
     @property
     def blocked(self) -> bool:
@@ -304,7 +310,7 @@ class _Downstream:
 
 
 def _downstream(
-    request: web.Request, response: web.StreamResponse, writer: object
+    request: web.Request, response: web.StreamResponse, writer: object, body: object
 ) -> _Downstream | None:
     """The client's connection for the body to write to directly, when the response is written
     by aiohttp's own `StreamWriter` as bytes framed (or not) by HTTP/1.1 itself; None when it
@@ -315,7 +321,8 @@ def _downstream(
     transport = writer.transport
     if transport is None:
         return None
-    return _Downstream(request.protocol, writer, transport)
+    wrapped = type(body) is not AsyncGeneratorType  # a `passes_downstream` wrapper's
+    return _Downstream(request.protocol, writer, transport, wrapped)
 
 
 def _client_headers(request: web.Request) -> dict[str, str]:
@@ -349,7 +356,9 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         response = _StreamedReply(status=reply.status, headers=headers)
         request[_PREPARED] = True
         stream_writer = await response.prepare(request)
-        direct = _downstream(request, response, stream_writer) if wants_downstream(body) else None
+        direct = (
+            _downstream(request, response, stream_writer, body) if wants_downstream(body) else None
+        )
         taker = cast("AsyncGenerator[bytes, Downstream | None]", body)
         trace.first_byte_at = time.monotonic()
         metrics.inc(metrics.IN_FLIGHT)

@@ -290,16 +290,23 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         """Bytes are in: the next read returns without waiting."""
         return self._response.ready
 
-    async def splice(self, tap: Callable[[bytes], bool], turn: float) -> bool:
+    async def splice(self, tap: Callable[[bytes], bool], turn: float | None = None) -> bool:
         """Let `tap` take the body's reads as they arrive (`http1.Response.splice`), until it
-        declines one or the answer ends or fails, or for `turn` seconds at most; then the next
-        read returns what is left, the end, or the error. True when the turn ran out. Returns
-        at once when bytes are already waiting. Safe to cancel."""
+        declines one or the answer ends or fails, or for `turn` seconds at most (None: no
+        limit, and no timer to allocate); then the next read returns what is left, the end, or
+        the error. True when the turn ran out. Returns at once when bytes are already waiting.
+        Safe to cancel."""
         if self._done:
             return False
         waiter: asyncio.Future[Any] | None = self._response.splice(tap)
         if waiter is None:
             return False
+        if turn is None:
+            try:
+                await waiter
+                return False
+            finally:
+                self._response.unsplice()
         timer = waiter.get_loop().call_later(turn, _end_turn, waiter)
         try:
             return await waiter is True

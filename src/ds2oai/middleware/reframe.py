@@ -449,11 +449,15 @@ class Reframe:
                         # Reads like this one probably follow: the upstream connection hands
                         # them to the client itself until one is not (or the client lags),
                         # or until a pull is due.
-                        now = time.monotonic()
-                        if pull_by == _NEVER:
-                            pull_by = now + _SPLICE_TURN
                         tap = _Tap(reader, dialect, downstream).take
-                        if now >= pull_by or await body.splice(tap, pull_by - now):
+                        if not downstream.wrapped:  # nothing around this body to pull
+                            turned = await body.splice(tap)
+                        else:
+                            now = time.monotonic()
+                            if pull_by == _NEVER:
+                                pull_by = now + _SPLICE_TURN
+                            turned = now >= pull_by or await body.splice(tap, pull_by - now)
+                        if turned:
                             offered = yield b""  # the sink writes it as nothing
                             pull_by = _NEVER
                             if offered is not None:
