@@ -400,26 +400,33 @@ async def test_a_client_leaving_while_spliced_closes_the_upstream_at_once(
     assert time.monotonic() - started < 2
 
 
+@pytest.fixture
+def limits_pulls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, bytes]]:
+    """When the per-key limits' body was pulled, and what it got (wraps `_GuardedBody._pull`)."""
+    pulls: list[tuple[float, bytes]] = []
+    original = _GuardedBody._pull
+
+    async def spy(self: _GuardedBody, value: Any) -> bytes:
+        item = await original(self, value)
+        pulls.append((time.monotonic(), item))
+        return item
+
+    monkeypatch.setattr(_GuardedBody, "_pull", spy)
+    return pulls
+
+
 async def test_per_key_limits_pass_the_splice_on_and_get_their_pulls(
     fault_upstream: FaultUpstream,
     gateway: GatewayFactory,
     client: aiohttp.ClientSession,
     taken: list[bytes],
+    limits_pulls: list[tuple[float, bytes]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The limits stage wraps the body only to release its slot and renew its lease: the sink
     # offers the client's connection through it, and while spliced `reframe` still yields an
     # empty item every turn (shortened here), on which the lease renewals run.
     monkeypatch.setattr(reframe_module, "_SPLICE_TURN", 0.05)
-    pulled: list[bytes] = []
-    original = _GuardedBody._pull
-
-    async def spy(self: _GuardedBody, value: Any) -> bytes:
-        item = await original(self, value)
-        pulled.append(item)
-        return item
-
-    monkeypatch.setattr(_GuardedBody, "_pull", spy)
     tokens = [f"t{i}é " for i in range(24)]  # 24 x 30 ms: several turns
     fault_upstream.queue(sse_script(text_events(tokens), delay=PACE))
     server = await gateway(
@@ -433,6 +440,7 @@ async def test_per_key_limits_pass_the_splice_on_and_get_their_pulls(
     assert events[-1].event == "response.completed"
     # Spliced through the limits' body (each short turn hands one read to the loop).
     assert len(taken) >= len(tokens) // 4
+    pulled = [item for _, item in limits_pulls]
     assert pulled.count(b"") >= 2  # the turns' empty items reached the limits' body
     assert not [e for e in events if not e.data]  # and nothing of them reached the client
     await wait_admitted(client, url)  # the slot came back once the answer ended
@@ -442,21 +450,13 @@ async def test_a_limited_stream_is_pulled_every_turn_while_the_client_gets_nothi
     fault_upstream: FaultUpstream,
     gateway: GatewayFactory,
     client: aiohttp.ClientSession,
+    limits_pulls: list[tuple[float, bytes]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Thinking on the spec route gives the client nothing, spliced or not; a read of two
     # events ends a splice early. The limits' body must still be pulled every turn (its lease
     # renewals), not only when one splice lasts a whole turn.
     monkeypatch.setattr(reframe_module, "_SPLICE_TURN", 0.3)
-    pulls: list[float] = []
-    original = _GuardedBody._pull
-
-    async def spy(self: _GuardedBody, value: Any) -> bytes:
-        item = await original(self, value)
-        pulls.append(time.monotonic())
-        return item
-
-    monkeypatch.setattr(_GuardedBody, "_pull", spy)
     steps: list[Any] = [Head(), Send(sse_chunk("", role="assistant")), Sleep(PACE)]
     steps.append(Send(sse_chunk("a ")))
     for i in range(100):
@@ -471,6 +471,7 @@ async def test_a_limited_stream_is_pulled_every_turn_while_the_client_gets_nothi
     async with client.post(server.make_url("/v1/chat/completions"), json=body(stream=True)) as r:
         events = await read_events(r)
     assert spec_text(events) == "a b "
+    pulls = [when for when, _ in limits_pulls]
     gaps = [b - a for a, b in itertools.pairwise(pulls)]
     assert len(pulls) >= 8  # about 3 s of thinking, a turn of 0.3 s
     assert max(gaps) < 0.3 + 0.4  # a turn, plus a read's wait and this machine's jitter
