@@ -70,29 +70,13 @@ class TextTemplate:
 
     @staticmethod
     def eligible(chunk: Chunk) -> bool:
-        """A plain text chunk, the only kind a template may stand for."""
-        return bool(
-            chunk.content
-            and chunk.has_choice
-            and chunk.finish_reason is None
-            and chunk.usage is None
-            and chunk.reasoning is None
-            and not chunk.tool_calls
-            and chunk.role in (None, "assistant")
-        )
+        """A plain text chunk, one of the two kinds a template may stand for."""
+        return bool(chunk.content) and chunk.reasoning is None and _only_text(chunk)
 
     @staticmethod
     def eligible_reasoning(chunk: Chunk) -> bool:
         """A plain reasoning chunk: thinking text and nothing else, `content` null."""
-        return bool(
-            chunk.reasoning
-            and chunk.content is None
-            and chunk.has_choice
-            and chunk.finish_reason is None
-            and chunk.usage is None
-            and not chunk.tool_calls
-            and chunk.role in (None, "assistant")
-        )
+        return bool(chunk.reasoning) and chunk.content is None and _only_text(chunk)
 
     @classmethod
     def learn(cls, payload: bytes, chunk: Chunk, *, reasoning: bool = False) -> TextTemplate | None:
@@ -165,6 +149,17 @@ class TextTemplate:
         if _LITERALS.fullmatch(joined) is not None and _utf8(joined):
             return literals
         return None
+
+
+def _only_text(chunk: Chunk) -> bool:
+    """Nothing in the chunk but its text: a choice, no finish, usage, tool calls or new role."""
+    return (
+        chunk.has_choice
+        and chunk.finish_reason is None
+        and chunk.usage is None
+        and not chunk.tool_calls
+        and chunk.role in (None, "assistant")
+    )
 
 
 def _one_line(data: bytes) -> bool:

@@ -120,7 +120,7 @@ class EventReader:
         assert template is not None
         literals = template.literals(run)
         if literals is not None:
-            self._text(literals, events)
+            self._delta(TextDelta, literals, events)
             return
         for payload in run:  # some text is not a valid literal: take them one by one
             self._payload(payload, events)
@@ -129,26 +129,25 @@ class EventReader:
         template = self._template
         literal = template.match(payload) if template is not None else None
         if literal is not None:
-            self._text([literal], events)
+            self._delta(TextDelta, [literal], events)
             return
         template = self._reasoning
         literal = template.match(payload) if template is not None else None
         if literal is not None:
-            last = events[-1] if events else None
-            if type(last) is ReasoningDelta:
-                last.literals.append(literal)
-            else:
-                events.append(ReasoningDelta([literal]))
+            self._delta(ReasoningDelta, [literal], events)
             return
         self._parsed(payload.decode("utf-8", "replace"), payload, events)
 
     @staticmethod
-    def _text(literals: list[bytes], events: list[UpstreamEvent]) -> None:
+    def _delta(
+        kind: type[TextDelta | ReasoningDelta], literals: list[bytes], events: list[UpstreamEvent]
+    ) -> None:
+        """Literals of one kind: onto the last event when it is that kind's delta, else anew."""
         last = events[-1] if events else None
-        if type(last) is TextDelta:
+        if type(last) is kind:
             last.literals.extend(literals)
         else:
-            events.append(TextDelta(literals))
+            events.append(kind(literals))
 
     def _parsed(self, data: str, raw: bytes | None, events: list[UpstreamEvent]) -> None:
         try:

@@ -301,17 +301,12 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
         waiter: asyncio.Future[Any] | None = self._response.splice(tap)
         if waiter is None:
             return False
-        if turn is None:
-            try:
-                await waiter
-                return False
-            finally:
-                self._response.unsplice()
-        timer = waiter.get_loop().call_later(turn, _end_turn, waiter)
+        timer = None if turn is None else waiter.get_loop().call_later(turn, _end_turn, waiter)
         try:
-            return await waiter is True
+            return await waiter is True  # the connection's own wake-ups resolve it with None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._response.unsplice()
 
     async def asend(self, value: None) -> bytes:
@@ -373,7 +368,7 @@ class UpstreamBody(AsyncGenerator[bytes, None]):
 
 def _end_turn(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
-        waiter.set_result(True)  # the connection's own wake-ups resolve it with None
+        waiter.set_result(True)
 
 
 async def read_limited(body: Body | bytes, limit: int = 64 * 1024) -> bytes:
