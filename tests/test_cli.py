@@ -18,6 +18,10 @@ from tests.sse_client import parse_events, spec_text
 
 UPSTREAM_KEY = "sk-upstream-PLANTED-7f3a9c"
 CLIENT_KEY = "client-PLANTED-b81e44"
+# A served gateway's logs go to files, never to a pipe read only at the end: a full pipe
+# (about 300 access-log lines) blocks the worker writing to it, and every later request
+# routed to that worker hangs. A bounded client timeout turns any such hang into a failure.
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,18 +86,20 @@ async def test_served_gateway_streams_and_never_logs_keys(
         "DEEPSEEK_API_KEY": UPSTREAM_KEY,
         "DS2OAI_CONFIG": str(config),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ds2oai", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-    )
+    out_path, err_path = tmp_path / "out.log", tmp_path / "err.log"
+    with out_path.open("wb") as out_file, err_path.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ds2oai", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out_file,
+            stderr=err_file,
+            env=env,
+            cwd=ROOT,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
-        async with aiohttp.ClientSession() as client:
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
             for mode in ("normal", "stream_error", "rate_limit", "server_error"):
                 payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
                 async with client.post(
@@ -110,7 +116,8 @@ async def test_served_gateway_streams_and_never_logs_keys(
                 assert resp.status == 401
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out, err = out_path.read_bytes(), err_path.read_bytes()
     assert proc.returncode == 0, err
     output = out + err
     assert UPSTREAM_KEY.encode() not in output
@@ -122,23 +129,27 @@ async def test_served_gateway_streams_and_never_logs_keys(
     assert [entry["status"] for entry in requests] == [200, 200, 429, 502, 401]
 
 
-async def test_workers_share_one_port_and_aggregate_metrics(mock_upstream_url: str) -> None:
+async def test_workers_share_one_port_and_aggregate_metrics(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
     port = free_port()
     env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url}
     env.pop("DS2OAI_CONFIG", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
+    out_path = tmp_path / "out.log"
+    with out_path.open("wb") as out_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         url = f"http://127.0.0.1:{port}"
         payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
         pids: set[int] = set()
-        async with aiohttp.ClientSession() as client:
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
             # both workers up: new connections until two different pids answered
             deadline = asyncio.get_running_loop().time() + 30
             while len(pids) < 2 and asyncio.get_running_loop().time() < deadline:
@@ -161,7 +172,8 @@ async def test_workers_share_one_port_and_aggregate_metrics(mock_upstream_url: s
                 await asyncio.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = out_path.read_bytes()
     assert proc.returncode == 0, out
     assert len(pids) == 2
     assert line in text
