@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
-from ds2oai import __version__, jsonutil, metrics
+from ds2oai import __version__, jsonutil, logs, metrics
 from ds2oai.chain import (
     Downstream,
     Exchange,
@@ -226,7 +226,7 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
             entry["content"] = {
                 k: body[k] for k in ("messages", "input", "instructions") if k in body
             }
-    access.info("request", extra=entry)
+    logs.info(access, "request", entry)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
