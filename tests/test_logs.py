@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -61,34 +63,115 @@ def test_an_exception_is_named_not_dumped() -> None:
     assert "secret-looking detail" not in json.dumps(line)
 
 
+FIELDS = {"request_id": "abc", "status": 200, "upstream_statuses": [200], "key_id": None}
+
+
 @pytest.fixture
-def captured() -> tuple[logging.Logger, io.StringIO]:
+def sole() -> Iterator[tuple[logging.Logger, logs.JSONHandler, io.StringIO]]:
+    """A logger whose only destination is one `JSONHandler`, as `configure()` sets up.
+
+    Each test sets `handlers` again: pytest attaches its capture handlers to non-propagating
+    loggers too when the test's call phase starts, and with them there the record path runs.
+    """
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JSONFormatter())
+    handler = logs.JSONHandler(stream)
     logger = logging.getLogger("ds2oai.test_logs")
-    logger.handlers[:] = [handler]
     logger.propagate = False
-    return logger, stream
-
-
-def test_info_writes_the_fields_like_logger_info(
-    captured: tuple[logging.Logger, io.StringIO],
-) -> None:
-    logger, stream = captured
     logger.setLevel(logging.INFO)
-    logs.info(logger, "request", {"request_id": "abc", "upstream_statuses": [200]})
-    logger.info("request", extra={"request_id": "abc", "upstream_statuses": [200]})
-    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first["msg"] == "request"
-    assert first["request_id"] == "abc"
-    assert {k: v for k, v in first.items() if k != "ts"} == {
-        k: v for k, v in second.items() if k != "ts"
+    yield logger, handler, stream
+    logger.handlers[:] = []
+    logger.filters[:] = []
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _without_ts(line: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in line.items() if k != "ts"}
+
+
+def test_the_direct_line_is_the_line_a_record_gives(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logger, handler, stream = sole
+    logger.handlers[:] = [handler]
+    logger.info("request", extra=FIELDS)
+    with monkeypatch.context() as m:  # the direct path builds no record at all
+        m.setattr(logging.Logger, "makeRecord", _no_record)
+        logs.info(logger, "request", FIELDS)
+    by_record, direct = _lines(stream)
+    assert list(direct) == list(by_record)  # same keys, same order
+    assert _without_ts(direct) == _without_ts(by_record)
+    assert direct["ts"][:-5] == by_record["ts"][:-5]  # to the second (the same one, or close)
+    assert direct["ts"].endswith("Z")
+
+
+def _no_record(*_args: object, **_kwargs: object) -> logging.LogRecord:
+    raise AssertionError("the sole-handler path made a LogRecord")
+
+
+def test_another_handler_on_the_way_gets_the_record(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+) -> None:
+    logger, handler, stream = sole
+    seen: list[logging.LogRecord] = []
+
+    class Collector(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger.handlers[:] = [handler, Collector()]
+    logs.info(logger, "request", FIELDS)
+    assert [record.__dict__["request_id"] for record in seen] == ["abc"]
+    assert _without_ts(_lines(stream)[0]) == {
+        "level": "info",
+        "logger": "ds2oai.test_logs",
+        "msg": "request",
+        **FIELDS,
     }
 
 
-def test_info_writes_nothing_below_its_level(captured: tuple[logging.Logger, io.StringIO]) -> None:
-    logger, stream = captured
+def test_a_filter_on_the_way_still_decides(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+) -> None:
+    logger, handler, stream = sole
+    logger.handlers[:] = [handler]
+    logger.addFilter(lambda record: record.__dict__.get("request_id") != "abc")
+    logs.info(logger, "request", FIELDS)
+    logs.info(logger, "request", {**FIELDS, "request_id": "xyz"})
+    assert [line["request_id"] for line in _lines(stream)] == ["xyz"]
+
+
+def test_info_writes_nothing_below_the_logger_or_handler_level(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+) -> None:
+    logger, handler, stream = sole
+    logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING)
-    logs.info(logger, "request", {"request_id": "abc"})
+    logs.info(logger, "request", FIELDS)
+    logger.setLevel(logging.INFO)
+    handler.setLevel(logging.WARNING)
+    logs.info(logger, "request", FIELDS)
     assert stream.getvalue() == ""
+
+
+def test_a_failing_stream_is_reported_like_logging_does(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logger, handler, _stream = sole
+    logger.handlers[:] = [handler]
+
+    class Broken(io.StringIO):
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError("reader gone")
+
+    handler.setStream(Broken())
+    reported: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", reported.append)
+    logs.info(logger, "request", FIELDS)  # does not raise
+    assert [record.getMessage() for record in reported] == ["request"]
