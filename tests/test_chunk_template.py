@@ -2,7 +2,8 @@
 
 Unit tests pin what a template accepts and refuses; property tests feed the same upstream
 bytes, split anywhere, through the reader with and without templates and require the same
-client bytes from the spec and chat dialects.
+client bytes from the spec and chat dialects, and the same `"stream": false` answer (or
+error) from the completion collector.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 from ds2oai.chunk_template import TextTemplate
 from ds2oai.dialects.base import ChunkDialect
 from ds2oai.dialects.chat import ChatDialect
+from ds2oai.dialects.completion import CompletionCollector
 from ds2oai.dialects.spec import SpecDialect
+from ds2oai.errors import ClientError
 from ds2oai.event_reader import EventReader
 from ds2oai.events import Chunk, EndOfBody, ReasoningDelta, TextDelta, parse_upstream_event
 from tests.conftest import make_exchange
@@ -233,6 +236,53 @@ def test_templates_never_change_what_the_client_gets(
         fast = _client_bytes(make(), pieces, templates=True)
         # Same events, same order, same text: JSON may differ only in escaping.
         assert _decoded(fast) == _decoded(slow)
+
+
+def _collected(pieces: list[bytes], templates: bool) -> tuple[object, int]:
+    """The non-streaming answer (or the error) the collector gives, and how many byte-path
+    events it was fed."""
+    collector = CompletionCollector("gpt")
+    reader = EventReader(make_exchange(), (), templates=templates)
+    literal_events = 0
+    for piece in pieces:
+        for event in reader.read(piece):
+            literal_events += type(event) in (TextDelta, ReasoningDelta)
+            collector.feed(event)
+    collector.feed(EndOfBody())
+    try:
+        return collector.result(), literal_events
+    except ClientError as exc:
+        return (exc.status, exc.to_json()), literal_events
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(frame_kinds, texts), max_size=14),
+    st.lists(st.integers(1, 400), max_size=8),
+)
+def test_templates_never_change_the_non_streaming_answer(
+    draws: list[tuple[str, str]], cuts: list[int]
+) -> None:
+    body = _frames(draws)
+    positions = sorted({min(c, len(body)) for c in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *positions], [*positions, len(body)], strict=True)]
+    slow, none = _collected(pieces, templates=False)
+    fast, _ = _collected(pieces, templates=True)
+    assert none == 0
+    assert fast == slow
+
+
+def test_a_plain_answer_is_collected_from_the_byte_path() -> None:
+    body = b"".join(b"data: " + thinking(f"r{i} ") + b"\n\n" for i in range(10))
+    body += b"".join(b"data: " + payload(f"w{i} \u00e9\n") + b"\n\n" for i in range(10))
+    body += b"data: " + payload("", finish="stop") + b"\n\ndata: [DONE]\n\n"
+    answer, literal_events = _collected([body], templates=True)
+    assert literal_events == 2  # everything but each kind's first chunk and the last
+    assert isinstance(answer, dict)
+    message = answer["choices"][0]["message"]
+    assert message["content"] == "".join(f"w{i} \u00e9\n" for i in range(10))
+    assert message["reasoning_content"] == "".join(f"r{i} " for i in range(10))
+    assert answer["choices"][0]["finish_reason"] == "stop"
 
 
 def _decoded(stream: bytes) -> list[Any]:

@@ -3,15 +3,27 @@
 The upstream is always called with `stream: true`, so streaming and non-streaming requests
 share one path; this state machine accumulates content, `reasoning_content`, tool calls,
 finish_reason and usage, and `result()` returns the object or raises the `ClientError` the
-client must see (nothing was sent yet, so every failure is a plain HTTP error).
+client must see (nothing was sent yet, so every failure is a plain HTTP error). Plain text and
+thinking chunks may come as `TextDelta` / `ReasoningDelta` (the byte path's events): their
+JSON string literals are decoded one by one, as parsing each chunk would have.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ds2oai import jsonutil
 from ds2oai.errors import ClientError
-from ds2oai.events import Chunk, Done, EndOfBody, StreamBroken, UpstreamErrorEvent, UpstreamEvent
+from ds2oai.events import (
+    Chunk,
+    Done,
+    EndOfBody,
+    ReasoningDelta,
+    StreamBroken,
+    TextDelta,
+    UpstreamErrorEvent,
+    UpstreamEvent,
+)
 from ds2oai.upstream_errors import CUT_MESSAGE, broken_error, upstream_event_error
 
 __all__ = ["CompletionCollector"]
@@ -27,6 +39,8 @@ class _ToolCall:
 
 
 class CompletionCollector:
+    text_literals = True
+
     def __init__(self, exposed_model: str) -> None:
         self._model = exposed_model
         self._id = ""
@@ -53,6 +67,17 @@ class CompletionCollector:
             return
         if isinstance(event, Chunk):
             self._chunk(event)
+        elif type(event) is TextDelta:
+            # A template matched: no finish_reason, no usage, nothing but the text, each a
+            # proved JSON string literal (`chunk_template`). An empty one adds "", as harmless
+            # as the parsed path's skipping it.
+            if self._finish is None:
+                self._content.extend(map(jsonutil.loads, event.literals))
+        elif type(event) is ReasoningDelta:
+            if self._finish is None:
+                if self._reasoning is None:
+                    self._reasoning = []
+                self._reasoning.extend(map(jsonutil.loads, event.literals))
         elif isinstance(event, Done | EndOfBody):
             self._ended = True
             if self._finish is None:

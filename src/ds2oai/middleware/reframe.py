@@ -73,6 +73,9 @@ log = logging.getLogger("ds2oai.reframe")
 class Collector(Protocol):
     """Non-streaming counterpart of a dialect: accumulate, then `result()` or raise."""
 
+    # As `Dialect.text_literals`: True when `feed` also takes `TextDelta` and `ReasoningDelta`.
+    text_literals: bool
+
     @property
     def ended(self) -> bool: ...
 
@@ -320,7 +323,7 @@ class Reframe:
 
     async def _collect(self, exchange: Exchange, body: Body) -> Reply:
         collector = self._collectors[exchange.dialect](exchange)
-        reader = EventReader(exchange, self._secrets, templates=False)
+        reader = EventReader(exchange, self._secrets, templates=collector.text_literals)
         try:
             async for data in body:
                 for event in reader.read(data):
