@@ -2,24 +2,27 @@
 
 Unit tests pin what a template accepts and refuses; property tests feed the same upstream
 bytes, split anywhere, through the reader with and without templates and require the same
-client bytes from the spec and chat dialects, and the same `"stream": false` answer (or
-error) from the completion collector.
+client bytes from the spec, chat and Responses dialects, and the same `"stream": false`
+answer (or error) from the completion collector.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds2oai.chunk_template import TextTemplate
-from ds2oai.dialects.base import ChunkDialect
+from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.completion import CompletionCollector
+from ds2oai.dialects.responses import ResponsesDialect
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.errors import ClientError
 from ds2oai.event_reader import EventReader
@@ -165,9 +168,25 @@ def test_learns_thinking_only_from_an_unambiguous_thinking_chunk(raw: bytes) -> 
 
 
 def _client_bytes(
-    dialect: ChunkDialect, pieces: list[bytes], templates: bool, shortcut: bool = False
+    dialect: Dialect, pieces: list[bytes], templates: bool, shortcut: bool = False
 ) -> bytes:
     """What the client gets; `shortcut` reads as reframe does (`text_literal` first)."""
+    if isinstance(dialect, ResponsesDialect):
+        # Its item ids are random: number them in order, the same for both paths.
+        count = itertools.count()
+        ids = mock.patch(
+            "ds2oai.dialects.responses.new_id", lambda prefix: f"{prefix}_{next(count)}"
+        )
+        with ids:
+            return _read_through(dialect, pieces, templates, shortcut)
+    return _read_through(dialect, pieces, templates, shortcut)
+
+
+def _responses() -> ResponsesDialect:
+    return ResponsesDialect(response_id="resp_1", created_at=7, model="gpt", echo={})
+
+
+def _read_through(dialect: Dialect, pieces: list[bytes], templates: bool, shortcut: bool) -> bytes:
     reader = EventReader(make_exchange(), (), templates=templates)
     out: list[bytes] = []
     for piece in pieces:
@@ -231,7 +250,12 @@ def test_templates_never_change_what_the_client_gets(
     body = _frames(draws)
     positions = sorted({min(c, len(body)) for c in cuts})
     pieces = [body[a:b] for a, b in zip([0, *positions], [*positions, len(body)], strict=True)]
-    for make in (lambda: SpecDialect("gpt"), lambda: ChatDialect("gpt", include_usage=usage)):
+    makers: list[Callable[[], Dialect]] = [
+        lambda: SpecDialect("gpt"),
+        lambda: ChatDialect("gpt", include_usage=usage),
+        _responses,
+    ]
+    for make in makers:
         slow = _client_bytes(make(), pieces, templates=False)
         fast = _client_bytes(make(), pieces, templates=True)
         # Same events, same order, same text: JSON may differ only in escaping.
@@ -325,7 +349,12 @@ def test_one_event_reads_give_the_same_stream_through_the_shortcut(
     positions = sorted(bounds)
     pieces = [body[a:b] for a, b in zip([0, *positions[:-1]], positions, strict=True)]
     assert b"".join(pieces) == body
-    for make in (lambda: SpecDialect("gpt"), lambda: ChatDialect("gpt", include_usage=usage)):
+    makers: list[Callable[[], Dialect]] = [
+        lambda: SpecDialect("gpt"),
+        lambda: ChatDialect("gpt", include_usage=usage),
+        _responses,
+    ]
+    for make in makers:
         slow = _client_bytes(make(), pieces, templates=False)
         fast = _client_bytes(make(), pieces, templates=True, shortcut=True)
         assert _decoded(fast) == _decoded(slow)

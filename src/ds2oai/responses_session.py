@@ -80,7 +80,7 @@ class _Collector:
     A failed answer is an HTTP error (nothing was sent yet); `incomplete` is a normal answer.
     """
 
-    text_literals = False  # its dialect takes parsed chunks only
+    text_literals = True  # as its dialect
 
     def __init__(self, dialect: ResponsesDialect) -> None:
         self._dialect = dialect

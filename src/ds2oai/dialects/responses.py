@@ -26,6 +26,12 @@ so `response.failed` after it would be unreachable, and a stream would carry two
 events. `response.failed` alone is one terminal event, every SDK version parses it (its data
 has a "response" key, no top-level "error"), it carries `response.error {code, message}`, and
 `get_final_response()` still raises because no `response.completed` came.
+
+Plain text and thinking chunks may also come as JSON string literals (`feed_text`,
+`feed_reasoning`, or `TextDelta` / `ReasoningDelta` through `feed`): the delta event is then
+written around the literal from bytes prepared once per item, and the literal decoded once
+for the item's text. The result is the same event as for the parsed chunk (its JSON may
+escape the text differently).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from ds2oai.events import (
     Chunk,
     Done,
     EndOfBody,
+    ReasoningDelta,
     StreamBroken,
+    TextDelta,
     ToolCallDelta,
     UpstreamErrorEvent,
     UpstreamEvent,
@@ -112,7 +120,17 @@ def response_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
 class _Item:
     """One output item: kind "reasoning", "message" or "function_call"."""
 
-    __slots__ = ("call_id", "encrypted", "id", "index", "kind", "name", "parts", "status")
+    __slots__ = (
+        "call_id",
+        "delta_head",
+        "encrypted",
+        "id",
+        "index",
+        "kind",
+        "name",
+        "parts",
+        "status",
+    )
 
     def __init__(self, kind: str, index: int, item_id: str) -> None:
         self.kind = kind
@@ -123,6 +141,8 @@ class _Item:
         self.call_id = ""
         self.name = ""
         self.encrypted: str | None = None
+        # Its delta events' bytes after the sequence number, up to the text (`_literal`).
+        self.delta_head: bytes | None = None
 
     @property
     def text(self) -> str:
@@ -166,9 +186,21 @@ class _Item:
         }
 
 
+_DELTA_TYPES = {
+    "message": "response.output_text.delta",
+    "reasoning": "response.reasoning_text.delta",
+}
+# `_emit`'s bytes for a delta event, in pieces: before the sequence number, and after the text.
+_DELTA_START = {
+    kind: b"event: " + t.encode() + b'\ndata: {"type":"' + t.encode() + b'","sequence_number":'
+    for kind, t in _DELTA_TYPES.items()
+}
+_DELTA_END = {"message": b',"logprobs":[]}\n\n', "reasoning": b"}\n\n"}
+
+
 class ResponsesDialect:
     media_type = "text/event-stream"
-    text_literals = False
+    text_literals = True
 
     __slots__ = (
         "_calls",
@@ -218,10 +250,10 @@ class ResponsesDialect:
     # --- the Dialect protocol -------------------------------------------------------------
 
     def feed_text(self, literal: bytes) -> bytes:
-        raise TypeError("text_literals is False: this dialect takes parsed chunks only")
+        return self._literal("message", literal)
 
     def feed_reasoning(self, literal: bytes) -> bytes:
-        raise TypeError("text_literals is False: this dialect takes parsed chunks only")
+        return self._literal("reasoning", literal)
 
     @property
     def outcome(self) -> str | None:
@@ -230,8 +262,12 @@ class ResponsesDialect:
     def feed(self, event: UpstreamEvent) -> bytes:
         if self._state is _State.ENDED:
             return b""
+        if type(event) is TextDelta:
+            return b"".join([self._literal("message", literal) for literal in event.literals])
         if isinstance(event, Chunk):
             return self._chunk(event)
+        if type(event) is ReasoningDelta:
+            return b"".join([self._literal("reasoning", literal) for literal in event.literals])
         out = self._start() if self._state is _State.WAITING else b""
         if self._state is _State.FINISHING:
             # The answer is whole: [DONE], the end of the body, or a failure that only lost
@@ -354,6 +390,27 @@ class ResponsesDialect:
         if kind == "reasoning":
             return out + self._emit("response.reasoning_text.delta", fields)
         return out + self._emit("response.output_text.delta", {**fields, "logprobs": []})
+
+    def _literal(self, kind: str, literal: bytes) -> bytes:
+        """A chunk holding nothing but this text (a valid JSON string literal): what `_chunk`
+        writes for it, the delta event built around the literal when its item is open."""
+        if self._state is not _State.STREAMING:
+            # Literals come only after a parsed chunk started the stream; after the
+            # finish_reason text no longer counts (as in `_chunk`).
+            return b""
+        if literal == b'""':
+            return b""  # `_chunk` skips an empty text
+        item = self._open
+        if item is None or item.kind != kind:
+            return self._text(kind, jsonutil.loads(literal))  # opens the item
+        item.parts.append(jsonutil.loads(literal))
+        head = item.delta_head
+        if head is None:
+            where = jsonutil.dumps({**self._where(item), "delta": ""})
+            head = item.delta_head = b"," + where[1:-3]  # without `{` and `""}`
+        seq = self._seq
+        self._seq = seq + 1
+        return b"".join((_DELTA_START[kind], b"%d" % seq, head, literal, _DELTA_END[kind]))
 
     def _tool_call(self, delta: ToolCallDelta) -> bytes:
         out = b""
