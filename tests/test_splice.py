@@ -340,6 +340,34 @@ async def test_paced_thinking_is_spliced_and_exact_on_both_routes(
     assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
 
 
+async def test_paced_thinking_and_text_are_spliced_and_exact_on_the_responses_route(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    upstream_events = thinking_events()
+    thoughts = set(upstream_events[2 : 1 + len(TOKENS)])  # the first one is parsed (learned)
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    server = await gateway(fault_upstream.url)
+    request = {"model": "deepseek-chat", "input": "hi", "stream": True, "store": False}
+    async with client.post(server.make_url("/v1/responses"), json=request) as r:
+        events = await read_events(r)
+    data = [e.json() for e in events]
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    assert all(d["type"] == e.event for d, e in zip(data, events, strict=True))
+    reasoning = [d["delta"] for d in data if d["type"] == "response.reasoning_text.delta"]
+    text = [d["delta"] for d in data if d["type"] == "response.output_text.delta"]
+    assert reasoning == TOKENS
+    assert text == TOKENS[:3]
+    assert data[-1]["type"] == "response.completed"
+    output = data[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message"]
+    assert output[0]["content"][0]["text"] == TEXT
+    assert output[1]["content"][0]["text"] == "".join(TOKENS[:3])
+    assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
+
+
 @pytest.mark.parametrize("end", [Close(), Reset()], ids=["truncated", "reset"])
 async def test_a_break_while_spliced_is_one_final_broken_event(
     end: Any,
