@@ -381,6 +381,34 @@ def test_seal_puts_encrypted_content_on_the_reasoning_item() -> None:
     Response.model_validate(d.response(), strict=True)
 
 
+def test_a_literal_whose_seal_fails_changes_nothing_so_its_read_can_be_fed_again() -> None:
+    # The splice calls feed_text from the upstream read callback; when it raises, the read is
+    # declined and the reader feeds it again. A text literal that closes the reasoning item
+    # seals it: a failing seal must leave the dialect as it was.
+    attempts: list[str] = []
+
+    def seal(text: str) -> str:
+        attempts.append(text)
+        if len(attempts) == 1:
+            raise RuntimeError("sealing failed")
+        return "blob"
+
+    d = dialect(seal=seal)
+    before = run(d, [Chunk("c", 1, "m", reasoning="The user greets me.", has_choice=True)])
+    with pytest.raises(RuntimeError):
+        d.feed_text(b'"Hello!"')
+    after = d.feed_text(b'"Hello!"') + run(
+        d, [Chunk("c", 1, "m", finish_reason="stop", has_choice=True), Done()]
+    )
+    events = frames(before + after)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events].count("response.reasoning_text.done") == 1
+    assert d.outcome == "completed"
+    reasoning, message = d.response()["output"]
+    assert (reasoning["encrypted_content"], reasoning["status"]) == ("blob", "completed")
+    assert message["content"][0]["text"] == "Hello!"
+
+
 # --- tool calls -------------------------------------------------------------------------------
 
 

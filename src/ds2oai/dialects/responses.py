@@ -393,7 +393,10 @@ class ResponsesDialect:
 
     def _literal(self, kind: str, literal: bytes) -> bytes:
         """A chunk holding nothing but this text (a valid JSON string literal): what `_chunk`
-        writes for it, the delta event built around the literal when its item is open."""
+        writes for it, the delta event built around the literal when its item is open.
+
+        Called from the upstream read callback too (the splice), which hands a read that
+        raised back to the reader: so nothing changes before the last step that can fail."""
         if self._state is not _State.STREAMING:
             # Literals come only after a parsed chunk started the stream; after the
             # finish_reason text no longer counts (as in `_chunk`).
@@ -448,6 +451,10 @@ class ResponsesDialect:
         item = self._open
         if item is None:
             return b""
+        if item.kind == "reasoning" and self._seal is not None:
+            # The one step here that can fail, so it comes before any change: a splice tap
+            # that raises has its read declined and fed again by the reader (see `_literal`).
+            item.encrypted = self._seal(item.text)
         self._open = None
         item.status = status
         out = b""
@@ -465,8 +472,6 @@ class ResponsesDialect:
             where = self._where(item)
             if item.kind == "reasoning":
                 out += self._emit("response.reasoning_text.done", {**where, "text": item.text})
-                if self._seal is not None:
-                    item.encrypted = self._seal(item.text)
             else:
                 out += self._emit(
                     "response.output_text.done", {**where, "text": item.text, "logprobs": []}
