@@ -175,3 +175,59 @@ def test_a_failing_stream_is_reported_like_logging_does(
     monkeypatch.setattr(handler, "handleError", reported.append)
     logs.info(logger, "request", FIELDS)  # does not raise
     assert [record.getMessage() for record in reported] == ["request"]
+
+
+def test_a_record_factory_or_another_formatter_gets_the_record(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+) -> None:
+    logger, handler, stream = sole
+    logger.handlers[:] = [handler]
+    default = logging.getLogRecordFactory()
+
+    def with_trace(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = default(*args, **kwargs)
+        record.trace_id = "t-1"
+        return record
+
+    logging.setLogRecordFactory(with_trace)
+    try:
+        logs.info(logger, "request", FIELDS)
+    finally:
+        logging.setLogRecordFactory(default)
+    assert _lines(stream)[0]["trace_id"] == "t-1"
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logs.info(logger, "request", FIELDS)
+    assert stream.getvalue().splitlines()[1] == "INFO request"
+
+
+def test_a_reserved_field_name_raises_as_logging_does(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+) -> None:
+    logger, handler, stream = sole
+    logger.handlers[:] = [handler]
+    with pytest.raises(KeyError, match="name"):
+        logger.info("request", extra={"name": "x"})
+    with pytest.raises(KeyError, match="name"):
+        logs.info(logger, "request", {"name": "x"})
+    assert stream.getvalue() == ""
+
+
+def test_a_stream_without_flush_is_written_as_logging_writes_it(
+    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logger, handler, _stream = sole
+    errors: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", errors.append)
+    logger.handlers[:] = [handler]
+    written: list[str] = []
+
+    class NoFlush:
+        def write(self, text: str) -> int:
+            written.append(text)
+            return len(text)
+
+    handler.setStream(NoFlush())  # type: ignore[arg-type]  # a stream with write() only
+    logs.info(logger, "request", FIELDS)
+    assert json.loads(written[0])["request_id"] == "abc"
+    assert errors == []

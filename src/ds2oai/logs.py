@@ -1,15 +1,17 @@
 """Logging: one JSON object per line on stdout.
 
 `configure()` is called once by the CLI. Records carry their structured fields in `extra`;
-the formatter writes them next to the message. No message content and no keys are ever passed
-in (callers log key hashes only), so nothing here needs to redact.
+the formatter writes every one of them next to the message. No message content and no keys
+are ever passed in (callers log key hashes only), so nothing here needs to redact.
 
 `info()` is for lines written once per request (the access line). When the line's only
-destination is the `JSONHandler` that `configure()` installed (no other handler or filter on
-the way), it writes the line straight from its fields: the same JSON a record would give,
-without building the `LogRecord` (about 100 k instructions a line). Otherwise it builds the
+destination is the `JSONHandler` that `configure()` installed, formatting with its own
+`JSONFormatter` (no other handler, no filter on the way, the default logger and record
+classes), it writes the line straight from its fields: the same JSON a record would give,
+without building the `LogRecord` (about 80 k instructions a line). Otherwise it builds the
 record (without the caller lookup `Logger.info` does, which no line prints) and hands it to
-the logging module as usual, so `caplog` or a handler a user adds sees every line.
+the logging module as usual, so `caplog`, a handler or a record factory a user adds sees every
+line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from logging import LogRecord
 from typing import Any, TextIO
 
 from ds2oai import jsonutil
@@ -29,16 +32,17 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asc
 class JSONFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
-        # Lines come in bursts within one second: its text is formatted once.
-        self._second = -1
-        self._stamp = ""
+        # Lines come in bursts within one second: its text is formatted once. One tuple, so
+        # a thread switch between two lines never pairs one second with another's text.
+        self._second: tuple[int, str] = (-1, "")
 
     def stamp(self, created: float, msecs: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._stamp}.{int(msecs):03d}Z"
+        second, text = self._second
+        if second != int(created):
+            second = int(created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -62,12 +66,13 @@ class JSONHandler(logging.StreamHandler[TextIO]):
         self.setFormatter(self.json)
 
     def write_fields(self, name: str, msg: str, fields: dict[str, Any]) -> None:
-        """Write what an INFO record of logger `name` with `msg` and `extra=fields` would give."""
+        """Write what an INFO record of logger `name` with `msg` and `extra=fields` would give
+        (`info()` checks that it would: no reserved field names, the default record class)."""
         created = time.time()
         entry: dict[str, Any] = {
             # the time as `LogRecord` takes it
             "ts": self.json.stamp(created, (created - int(created)) * 1000),
-            "level": "info",
+            "level": logging.getLevelName(logging.INFO).lower(),
             "logger": name,
             "msg": msg,
         }
@@ -75,11 +80,14 @@ class JSONHandler(logging.StreamHandler[TextIO]):
         line = jsonutil.dumps(entry).decode() + self.terminator
         with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
             self.stream.write(line)
-            self.stream.flush()
+            self.flush()
 
 
 def _sole_handler(logger: logging.Logger) -> JSONHandler | None:
-    """The handler an INFO record of `logger` would reach, if it is one plain `JSONHandler`."""
+    """The handler an INFO record of `logger` would reach, if it is one `JSONHandler` that
+    formats with its own `JSONFormatter`, and nothing else would see or change the record."""
+    if type(logger) is not logging.Logger or logging.getLogRecordFactory() is not LogRecord:
+        return None  # a subclass or a factory may build or route records its own way
     found: JSONHandler | None = None
     current: logging.Logger | None = logger
     while current is not None:
@@ -88,7 +96,7 @@ def _sole_handler(logger: logging.Logger) -> JSONHandler | None:
         for handler in current.handlers:
             if found is not None or type(handler) is not JSONHandler or handler.filters:
                 return None
-            if handler.level > logging.INFO:
+            if handler.level > logging.INFO or handler.formatter is not handler.json:
                 return None
             found = handler
         current = current.parent if current.propagate else None
@@ -104,7 +112,7 @@ def info(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
     if not logger.isEnabledFor(logging.INFO) or logger.disabled:
         return
     handler = _sole_handler(logger)
-    if handler is None:
+    if handler is None or not _STANDARD.isdisjoint(fields):  # the record path raises for those
         logger.handle(_record(logger, msg, fields))
         return
     try:
