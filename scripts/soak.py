@@ -6,7 +6,8 @@ Starts the bundled mock upstream (uvicorn) and `ds2oai serve` as child processes
 proxy in this process between them (each upstream connection gets a random fault: reset, stall,
 truncation at an SSE event boundary, random splits, slow drip, or none). Workers then send, for
 `--seconds`: normal streams (both streaming dialects, and non-streaming requests),
-deepseek-reasoner streams (thinking, then text; on the chat route the thinking is checked too),
+deepseek-reasoner streams (thinking, then text; on the chat and Responses routes the thinking
+is checked too), `/v1/responses` streams and non-streaming answers,
 streams the mock breaks itself (`test_mode` stream_error, error_event, malformed,
 insufficient_system_resource, rate_limit, server_error, slow, keepalive), clients that go away
 mid-stream, and bad inputs (invalid JSON, oversized bodies, wrong methods, deep nesting, unknown
@@ -91,6 +92,17 @@ class Scenario:
     abort: bool = False  # the client goes away after the first bytes
 
 
+def _responses(test_mode: str = "normal", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "deepseek-chat",
+        "input": "soak",
+        "stream": True,
+        "store": False,
+        "test_mode": test_mode,
+        **extra,
+    }
+
+
 def _chat(test_mode: str = "normal", **extra: Any) -> dict[str, Any]:
     return {
         "model": "deepseek-chat",
@@ -127,6 +139,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         route="/openai/v1/chat/completions",
     ),
     Scenario("non_stream", 2, _chat(stream=False)),
+    Scenario("responses", 2, _responses(), route="/v1/responses"),
+    Scenario(
+        "responses_long",
+        1,
+        _responses("long", mock_tokens=len(LONG)),
+        tokens=LONG,
+        route="/v1/responses",
+    ),
+    Scenario(
+        "responses_reasoning",
+        2,
+        _responses("reasoning", model="deepseek-reasoner"),
+        thinking=REASONING_TOKENS,
+        route="/v1/responses",
+    ),
+    Scenario(
+        "responses_non_stream",
+        1,
+        _responses("reasoning", model="deepseek-reasoner", stream=False),
+        thinking=REASONING_TOKENS,
+        route="/v1/responses",
+    ),
     Scenario("malformed", 2, _chat("malformed"), fault=True),
     Scenario(
         "stream_error",
@@ -312,8 +346,54 @@ def verify_chat(s: Scenario, body: bytes) -> str:
     return "completed"
 
 
+def verify_responses(s: Scenario, body: bytes) -> str:
+    """A Responses stream: numbered events, one terminal event last, deltas that are prefixes
+    of the expected text and thinking, and on success the whole of both, in the final output
+    too."""
+    try:
+        events = parse_events(body)
+        objs = [e.json() for e in events]
+    except (AssertionError, UnicodeDecodeError, ValueError) as exc:
+        raise Verdict("lost", f"unparsable stream ({exc}): {body[-200:]!r}") from None
+    if [o["sequence_number"] for o in objs] != list(range(len(objs))):
+        raise Verdict("duplicated", "sequence numbers not 0, 1, 2, ...")
+    ends = ("response.completed", "response.incomplete", "response.failed")
+    terminal = [o["type"] for o in objs if o["type"] in ends]
+    if len(terminal) > 1:
+        raise Verdict("duplicated", f"{len(terminal)} terminal events")
+    if not terminal or objs[-1]["type"] != terminal[0]:
+        raise Verdict("lost", f"no terminal event at the end: {[o['type'] for o in objs[-3:]]}")
+    pieces = [o["delta"] for o in objs if o["type"] == "response.output_text.delta"]
+    thoughts = [o["delta"] for o in objs if o["type"] == "response.reasoning_text.delta"]
+    _prefix(pieces, s.tokens)
+    _prefix(thoughts, s.thinking)
+    if terminal[0] == "response.completed":
+        if not s.complete or pieces != list(s.tokens) or thoughts != list(s.thinking):
+            raise Verdict("lost", f"completed without the whole text: {pieces[-3:]}")
+        _whole_output(objs[-1]["response"], s)
+        return "completed"
+    error = objs[-1]["response"].get("error") or {}
+    if terminal[0] != "response.failed" or error.get("code") != "server_error":
+        raise Verdict("lost", f"unexpected end {terminal[0]} {error}")
+    return "response_failed"
+
+
+def _whole_output(response: dict[str, Any], s: Scenario) -> None:
+    texts = {item["type"]: item["content"][0]["text"] for item in response["output"]}
+    expected = {"message": "".join(s.tokens)}
+    if s.thinking:
+        expected["reasoning"] = "".join(s.thinking)
+    if texts != expected:
+        raise Verdict("lost", f"final output {str(texts)[:120]}")
+
+
 def verify_json(s: Scenario, body: bytes) -> str:
     obj = json.loads(body)
+    if s.route == "/v1/responses":
+        if obj["status"] != "completed":
+            raise Verdict("lost", f"non-streaming response {obj['status']}")
+        _whole_output(obj, s)
+        return "completed"
     content = obj["choices"][0]["message"]["content"]
     if content != "".join(s.tokens):
         kind = "duplicated" if len(content) > len("".join(s.tokens)) else "lost"
@@ -357,6 +437,8 @@ async def run_scenario(
                 verdict = verify_json(s, body)
             elif s.route.startswith("/openai"):
                 verdict = verify_chat(s, body)
+            elif s.route == "/v1/responses":
+                verdict = verify_responses(s, body)
             else:
                 verdict = verify_spec(s, body)
     except Verdict as exc:
