@@ -26,7 +26,14 @@ from ds2oai.dialects.responses import ResponsesDialect
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.errors import ClientError
 from ds2oai.event_reader import EventReader
-from ds2oai.events import Chunk, EndOfBody, ReasoningDelta, TextDelta, parse_upstream_event
+from ds2oai.events import (
+    ArgumentsDelta,
+    Chunk,
+    EndOfBody,
+    ReasoningDelta,
+    TextDelta,
+    parse_upstream_event,
+)
 from tests.conftest import make_exchange
 
 BASE = {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-chat"}
@@ -192,10 +199,17 @@ def _read_through(dialect: Dialect, pieces: list[bytes], templates: bool, shortc
     for piece in pieces:
         literal = reader.text_literal(piece) if shortcut else None
         thought = reader.reasoning_literal(piece) if shortcut and literal is None else None
+        fragment = (
+            reader.arguments_literal(piece)
+            if shortcut and literal is None and thought is None
+            else None
+        )
         if literal is not None:
             out.append(dialect.feed_text(literal))
         elif thought is not None:
             out.append(dialect.feed_reasoning(thought))
+        elif fragment is not None:
+            out.append(dialect.feed_arguments(reader.arguments_index, fragment))
         else:
             out.extend(dialect.feed(event) for event in reader.read(piece))
     out.append(dialect.feed(EndOfBody()))
@@ -211,14 +225,33 @@ texts = st.lists(
     max_size=6,
 ).map("".join)
 frame_kinds = st.sampled_from(
-    ["text", "text", "text", "thinking", "thinking", "role", "finish", "usage", "comment"]
+    [
+        *("text", "text", "text", "thinking", "thinking", "role", "finish", "usage", "comment"),
+        *("call", "args", "args", "args"),
+    ]
 )
+
+
+def tool_call(arguments: Any, index: int = 0, **start: Any) -> bytes:
+    """A tool-call chunk as DeepSeek streams them: `start` (id, type, name) on a call's first."""
+    function = {**({"name": start.pop("name")} if "name" in start else {}), "arguments": arguments}
+    call = {"index": index, **start, "function": function}
+    delta = {"content": None, "tool_calls": [call]}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    return json.dumps({**BASE, "choices": [choice], "usage": None}).encode()
 
 
 def _frames(draws: list[tuple[str, str]]) -> bytes:
     out = [b"data: " + payload("first") + b"\n\n"]
+    calls = 0
     for kind, text in draws:
-        if kind == "text":
+        if kind == "call":
+            start = {"id": f"call_{calls}", "type": "function", "name": "f"}
+            out.append(b"data: " + tool_call("", calls, **start) + b"\n\n")
+            calls += 1
+        elif kind == "args":
+            out.append(b"data: " + tool_call(text, max(calls - 1, 0)) + b"\n\n")
+        elif kind == "text":
             out.append(b"data: " + payload(text) + b"\n\n")
         elif kind == "thinking":
             out.append(b"data: " + thinking(text) + b"\n\n")
@@ -262,6 +295,98 @@ def test_templates_never_change_what_the_client_gets(
         assert _decoded(fast) == _decoded(slow)
 
 
+def test_tool_call_arguments_take_their_own_byte_path() -> None:
+    start = {"id": "call_0", "type": "function", "name": "f"}
+    body = b"data: " + tool_call("", 0, **start) + b"\n\n"
+    body += b"".join(b"data: " + tool_call(f'{{"a{i}":', 0) + b"\n\n" for i in range(5))
+    body += b"data: " + tool_call("", 1, **{**start, "id": "call_1"}) + b"\n\n"
+    body += b"".join(b"data: " + tool_call(f"b{i}", 1) + b"\n\n" for i in range(5))
+    reader = EventReader(make_exchange(), (), templates=True)
+    events = reader.read(body)
+    # Each call: its start and first fragment parsed (the second call's first fragment does
+    # not fit the first call's template, so a new one is learned from it), then the rest.
+    assert [type(e) for e in events] == [Chunk, Chunk, ArgumentsDelta, Chunk, Chunk, ArgumentsDelta]
+    first, second = events[2], events[5]
+    assert isinstance(first, ArgumentsDelta)
+    assert isinstance(second, ArgumentsDelta)
+    assert (first.index, [json.loads(x) for x in first.literals]) == (
+        0,
+        [f'{{"a{i}":' for i in range(1, 5)],
+    )
+    assert (second.index, [json.loads(x) for x in second.literals]) == (
+        1,
+        [f"b{i}" for i in range(1, 5)],
+    )
+    one = b"data: " + tool_call("b5", 1) + b"\n\n"
+    assert reader.arguments_literal(one) == b'"b5"'
+    assert reader.text_literal(one) is None
+    assert reader.arguments_literal(b"data: " + tool_call("a5", 0) + b"\n\n") is None
+
+
+def test_the_responses_dialect_drops_a_closed_calls_fragment_as_its_parsed_path_does() -> None:
+    start = {"id": "call_0", "type": "function", "name": "f"}
+    frames = [
+        payload("first"),
+        tool_call("", 0, **start),
+        tool_call('{"a":', 0),  # parsed: the template is learned from it
+        tool_call("", 0),  # an empty fragment: no event
+        tool_call("1", 0),  # a literal for the open call
+        payload("text"),  # closes the call
+        tool_call("}", 0),  # a fragment for a closed call: dropped
+        payload("", finish="tool_calls"),
+    ]
+    body = b"".join(b"data: " + frame + b"\n\n" for frame in frames) + b"data: [DONE]\n\n"
+    slow = _client_bytes(_responses(), [body], templates=False)
+    fast = _client_bytes(_responses(), [body], templates=True)
+    assert _decoded(fast) == _decoded(slow)
+    deltas = [
+        json.loads(block.split("\ndata: ")[1])["delta"]
+        for block in fast.decode().split("\n\n")
+        if block.startswith("event: response.function_call_arguments.delta")
+    ]
+    assert deltas == ['{"a":', "1"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        tool_call("x", 0, id="call_1"),
+        tool_call("x", 0, name="f"),
+        json.dumps(
+            {
+                **BASE,
+                "choices": [
+                    {
+                        "delta": {
+                            "tool_calls": [
+                                {"index": 0, "function": {"arguments": "x"}},
+                                {"index": 1, "function": {"arguments": "y"}},
+                            ]
+                        }
+                    }
+                ],
+            }
+        ).encode(),
+        tool_call("x").replace(b'"content": null', b'"content": "hi"'),
+        tool_call("x").replace(b'"arguments": "x"', b'"arguments": "x", "arguments": "y"'),
+    ],
+)
+def test_learns_arguments_only_from_an_unambiguous_fragment(raw: bytes) -> None:
+    chunk = parse_upstream_event(raw.decode())
+    assert isinstance(chunk, Chunk)
+    assert TextTemplate.learn_arguments(raw, chunk) is None
+
+
+def test_learns_arguments_from_a_plain_fragment() -> None:
+    raw = tool_call('{"path": "a')
+    chunk = parse_upstream_event(raw.decode())
+    assert isinstance(chunk, Chunk)
+    template = TextTemplate.learn_arguments(raw, chunk)
+    assert template is not None
+    assert template.match(tool_call("b\u00e9")) == json.dumps("b\u00e9").encode()
+    assert template.match(tool_call("b", 1)) is None
+
+
 def _collected(pieces: list[bytes], templates: bool) -> tuple[object, int]:
     """The non-streaming answer (or the error) the collector gives, and how many byte-path
     events it was fed."""
@@ -270,7 +395,7 @@ def _collected(pieces: list[bytes], templates: bool) -> tuple[object, int]:
     literal_events = 0
     for piece in pieces:
         for event in reader.read(piece):
-            literal_events += type(event) in (TextDelta, ReasoningDelta)
+            literal_events += type(event) in (TextDelta, ReasoningDelta, ArgumentsDelta)
             collector.feed(event)
     collector.feed(EndOfBody())
     try:
@@ -287,7 +412,7 @@ def _collected(pieces: list[bytes], templates: bool) -> tuple[object, int]:
 def test_templates_never_change_the_non_streaming_answer(
     draws: list[tuple[str, str]], cuts: list[int]
 ) -> None:
-    body = _frames(draws)
+    body = _frames([*draws, ("finish", "")])  # an answer, not only errors, to compare
     positions = sorted({min(c, len(body)) for c in cuts})
     pieces = [body[a:b] for a, b in zip([0, *positions], [*positions, len(body)], strict=True)]
     slow, none = _collected(pieces, templates=False)

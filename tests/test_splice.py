@@ -368,6 +368,72 @@ async def test_paced_thinking_and_text_are_spliced_and_exact_on_the_responses_ro
     assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
 
 
+def tool_call_events() -> list[bytes]:
+    """A tool call streamed as DeepSeek does: the call's start, then one chunk per fragment
+    of its arguments (TOKENS), then the finish."""
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = {"id": "up-1", "object": "chat.completion.chunk", "created": 1700000000}
+        obj |= {"model": "deepseek-chat", "system_fingerprint": "fp_fault", "choices": [choice]}
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    start = {"index": 0, "id": "call_1", "type": "function"}
+    events = [event({"role": "assistant", "content": None})]
+    events.append(event({"tool_calls": [{**start, "function": {"name": "w", "arguments": ""}}]}))
+    events += [
+        event({"content": None, "tool_calls": [{"index": 0, "function": {"arguments": t}}]})
+        for t in TOKENS
+    ]
+    return [*events, event({}, "tool_calls"), DONE]
+
+
+async def test_paced_tool_call_arguments_are_spliced_and_exact(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    taken: list[bytes],
+) -> None:
+    upstream_events = tool_call_events()
+    fragments = set(upstream_events[3 : 2 + len(TOKENS)])  # the first one is parsed (learned)
+    server = await gateway(fault_upstream.url)
+
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    url = server.make_url("/openai/v1/chat/completions")
+    async with client.post(url, json=body(stream=True)) as r:
+        events = await read_events(r)
+    calls = [
+        c
+        for e in events[:-1]
+        for ch in e.json()["choices"]
+        for c in ch["delta"].get("tool_calls", [])
+    ]
+    assert "".join(c["function"].get("arguments", "") for c in calls) == TEXT
+    assert [c.get("id") for c in calls if c.get("id")] == ["call_1"]
+    assert {c["index"] for c in calls} == {0}
+    assert events[-1].data == "[DONE]"
+    assert len([read for read in taken if read in fragments]) >= len(TOKENS) // 2
+
+    taken.clear()
+    fault_upstream.queue(sse_script(upstream_events, delay=PACE))
+    request = {"model": "deepseek-chat", "input": "hi", "stream": True, "store": False}
+    async with client.post(server.make_url("/v1/responses"), json=request) as r:
+        events = await read_events(r)
+    data = [e.json() for e in events]
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    deltas = [d["delta"] for d in data if d["type"] == "response.function_call_arguments.delta"]
+    assert deltas == TOKENS
+    assert data[-1]["type"] == "response.completed"
+    (call,) = data[-1]["response"]["output"]
+    assert (call["type"], call["call_id"], call["name"], call["arguments"]) == (
+        "function_call",
+        "call_1",
+        "w",
+        TEXT,
+    )
+    assert len([read for read in taken if read in fragments]) >= len(TOKENS) // 2
+
+
 @pytest.mark.parametrize("end", [Close(), Reset()], ids=["truncated", "reset"])
 async def test_a_break_while_spliced_is_one_final_broken_event(
     end: Any,

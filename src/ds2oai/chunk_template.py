@@ -10,17 +10,21 @@ except for the text in `choices[0].delta.content`:
 `TextTemplate.learn()` takes one such chunk that was already parsed the normal way and keeps the
 bytes before and after its text. A reasoning model's thinking comes the same way, its text in
 `delta.reasoning_content` with `content` null: `learn(..., reasoning=True)` keeps a template for
-those chunks (a stream may have one of each kind). `match()` then recognizes a later payload
-with the same prefix and suffix and returns its text as the JSON string literal it is,
-validated, so the dialects can splice it into their own pre-encoded bytes without parsing or
-re-encoding JSON. Anything else (a finish_reason, usage, the other kind of text, tool calls, a
-changed id, odd spacing, an invalid escape or invalid UTF-8 in the text) does not match and
-takes the normal path, so the template changes speed, never meaning.
+those chunks (a stream may have one of each kind). A tool call's arguments stream the same way
+too, each fragment in `delta.tool_calls[0].function.arguments` of a chunk holding nothing else:
+`learn_arguments()` keeps a template for one call's fragments. `match()` then recognizes a
+later payload with the same prefix and suffix and returns its text as the JSON string literal
+it is, validated, so the dialects can splice it into their own pre-encoded bytes without
+parsing or re-encoding JSON. Anything else (a finish_reason, usage, another kind of text, a
+tool call's id or name, a changed id, odd spacing, an invalid escape or invalid UTF-8 in the
+text) does not match and takes the normal path, so the template changes speed, never meaning.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from ds2oai import jsonutil
 from ds2oai.events import Chunk, choice_delta
@@ -46,6 +50,7 @@ _LITERALS = re.compile(_LITERAL.pattern + rb"(?:\n" + _LITERAL.pattern + rb")*+"
 _KEYS = {
     "content": (b'"content"', re.compile(rb'"content"\s*:\s*')),
     "reasoning_content": (b'"reasoning_content"', re.compile(rb'"reasoning_content"\s*:\s*')),
+    "arguments": (b'"arguments"', re.compile(rb'"arguments"\s*:\s*')),
 }
 _PROBE = "\x01probe \u00e9"
 _OTHER_PROBE = "\x02probe \u00fc"  # for a chunk whose own text is `_PROBE`
@@ -78,18 +83,52 @@ class TextTemplate:
         """A plain reasoning chunk: thinking text and nothing else, `content` null."""
         return bool(chunk.reasoning) and chunk.content is None and _only_text(chunk)
 
+    @staticmethod
+    def eligible_arguments(chunk: Chunk) -> bool:
+        """A fragment of one tool call's arguments and nothing else: no id, name or text."""
+        calls = chunk.tool_calls
+        return (
+            len(calls) == 1
+            and bool(calls[0].arguments)
+            and calls[0].id is None
+            and calls[0].name is None
+            and chunk.content is None
+            and chunk.reasoning is None
+            and chunk.has_choice
+            and chunk.finish_reason is None
+            and chunk.usage is None
+            and chunk.role in (None, "assistant")
+        )
+
     @classmethod
     def learn(cls, payload: bytes, chunk: Chunk, *, reasoning: bool = False) -> TextTemplate | None:
         """A template from a plain text chunk (`payload` parsed as `chunk`), else None; with
         `reasoning`, from a plain reasoning chunk, standing for its `reasoning_content`."""
         if reasoning:
-            name, original = "reasoning_content", chunk.reasoning
             if not cls.eligible_reasoning(chunk):
                 return None
-        else:
-            name, original = "content", chunk.content
-            if not cls.eligible(chunk):
-                return None
+            return cls._learn(payload, chunk, "reasoning_content", chunk.reasoning, _delta)
+        if not cls.eligible(chunk):
+            return None
+        return cls._learn(payload, chunk, "content", chunk.content, _delta)
+
+    @classmethod
+    def learn_arguments(cls, payload: bytes, chunk: Chunk) -> TextTemplate | None:
+        """A template from a chunk holding only a fragment of one tool call's arguments,
+        standing for that fragment (the call's index is part of the template's bytes)."""
+        if not cls.eligible_arguments(chunk):
+            return None
+        return cls._learn(payload, chunk, "arguments", chunk.tool_calls[0].arguments, _function)
+
+    @classmethod
+    def _learn(
+        cls,
+        payload: bytes,
+        chunk: Chunk,
+        name: str,
+        original: str | None,
+        holder: Callable[[Any], Any],
+    ) -> TextTemplate | None:
         quoted, key_pattern = _KEYS[name]
         # Once: a second key of that name (escaped or not) is what the probe below is for,
         # but two plain ones cannot be told apart here. `"content"` does not occur inside
@@ -113,12 +152,12 @@ class TextTemplate:
         try:
             probe = jsonutil.loads(prefix + jsonutil.dumps(text) + suffix)
             # Where `parse_upstream_event` takes the text from, by the same function.
-            delta = choice_delta(probe["choices"][0])
+            where = holder(probe)
         except (jsonutil.JSONDecodeError, LookupError, TypeError, AttributeError):
             return None
-        if type(delta) is not dict or delta.get(name) != text:
+        if type(where) is not dict or where.get(name) != text:
             return None
-        delta[name] = original
+        where[name] = original
         if probe != chunk.raw:  # the whole document, fields no `Chunk` keeps included
             return None
         return cls(prefix, suffix)
@@ -149,6 +188,16 @@ class TextTemplate:
         if _LITERALS.fullmatch(joined) is not None and _utf8(joined):
             return literals
         return None
+
+
+def _delta(document: Any) -> Any:
+    """Where a chunk's text and thinking are (as `parse_upstream_event` finds them)."""
+    return choice_delta(document["choices"][0])
+
+
+def _function(document: Any) -> Any:
+    """Where a chunk's first tool call's arguments are (as `_tool_calls` finds them)."""
+    return choice_delta(document["choices"][0])["tool_calls"][0]["function"]
 
 
 def _only_text(chunk: Chunk) -> bool:

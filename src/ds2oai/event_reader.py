@@ -5,8 +5,9 @@
 dropped; payloads that are not JSON objects are counted, logged and skipped; upstream error
 messages are cleaned of control characters and secrets. With templates on, consecutive
 payloads that fit the stream's text template (`chunk_template`) become one `TextDelta`
-without JSON parsing, and those that fit its reasoning template one `ReasoningDelta`;
-everything else is parsed in full. A template is learned only from a parsed chunk of its kind,
+without JSON parsing, those that fit its reasoning template one `ReasoningDelta`, and those
+that fit its tool-call arguments template one `ArgumentsDelta`; everything else is parsed in
+full. A template is learned only from a parsed chunk of its kind,
 so a dialect always sees a full `Chunk` before the first `TextDelta` or `ReasoningDelta`.
 Touches only the exchange's trace; no I/O.
 """
@@ -19,6 +20,7 @@ import time
 from ds2oai.chain import Exchange
 from ds2oai.chunk_template import TextTemplate
 from ds2oai.events import (
+    ArgumentsDelta,
     Chunk,
     MalformedChunk,
     ReasoningDelta,
@@ -40,13 +42,16 @@ _LEARN_ATTEMPTS = 4  # templates tried per stream and kind before giving up on t
 
 class EventReader:
     __slots__ = (
+        "_arguments",
         "_decoder",
         "_exchange",
         "_learn",
+        "_learn_arguments",
         "_learn_reasoning",
         "_reasoning",
         "_secrets",
         "_template",
+        "arguments_index",
     )
 
     def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
@@ -57,6 +62,9 @@ class EventReader:
         self._reasoning: TextTemplate | None = None
         self._learn = _LEARN_ATTEMPTS if templates else 0
         self._learn_reasoning = _LEARN_ATTEMPTS if templates else 0
+        self._arguments: TextTemplate | None = None
+        self.arguments_index = 0  # the tool call the arguments template stands for
+        self._learn_arguments = _LEARN_ATTEMPTS if templates else 0
 
     def restart(self) -> None:
         """A new upstream body (a resumed stream) starts with a clean decoder."""
@@ -75,6 +83,15 @@ class EventReader:
         """`text_literal` for one whole plain reasoning chunk (the reasoning template's): what
         `read(data)` would return as a one-literal `ReasoningDelta`. None otherwise."""
         template = self._reasoning
+        if template is None or not self._decoder.between_events(len(data)):
+            return None
+        return template.event_literal(data)
+
+    def arguments_literal(self, data: bytes) -> bytes | None:
+        """`text_literal` for one whole tool-call arguments chunk (the arguments template's,
+        for the call `arguments_index`): what `read(data)` would return as a one-literal
+        `ArgumentsDelta`. None otherwise."""
+        template = self._arguments
         if template is None or not self._decoder.between_events(len(data)):
             return None
         return template.event_literal(data)
@@ -136,6 +153,15 @@ class EventReader:
         if literal is not None:
             self._delta(ReasoningDelta, [literal], events)
             return
+        template = self._arguments
+        literal = template.match(payload) if template is not None else None
+        if literal is not None:
+            last = events[-1] if events else None
+            if type(last) is ArgumentsDelta and last.index == self.arguments_index:
+                last.literals.append(literal)
+            else:
+                events.append(ArgumentsDelta(self.arguments_index, [literal]))
+            return
         self._parsed(payload.decode("utf-8", "replace"), payload, events)
 
     @staticmethod
@@ -171,6 +197,14 @@ class EventReader:
                 self._learn_reasoning -= 1
                 learned = TextTemplate.learn(raw, event, reasoning=True)
                 self._reasoning = learned or self._reasoning
+            elif (
+                self._learn_arguments and raw is not None and TextTemplate.eligible_arguments(event)
+            ):
+                self._learn_arguments -= 1
+                learned = TextTemplate.learn_arguments(raw, event)
+                if learned is not None:
+                    self._arguments = learned
+                    self.arguments_index = event.tool_calls[0].index
         elif isinstance(event, UpstreamErrorEvent):
             # The upstream's words go to the client: bounded, no control chars, no keys.
             event = UpstreamErrorEvent(

@@ -16,6 +16,7 @@ from typing import Any
 from ds2oai import jsonutil
 
 __all__ = [
+    "ArgumentsDelta",
     "Chunk",
     "Done",
     "EndOfBody",
@@ -79,6 +80,15 @@ class ReasoningDelta:
     literals: list[bytes]
 
 
+@dataclass(slots=True)
+class ArgumentsDelta:
+    """`TextDelta` for a tool call's arguments: consecutive chunks that repeat the stream's
+    learned arguments template (one call, its `index`) except for their fragment."""
+
+    index: int
+    literals: list[bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamErrorEvent:
     """`data: {"error": {...}}` sent by the upstream inside a stream."""
@@ -106,7 +116,14 @@ class StreamBroken:
 
 
 UpstreamEvent = (
-    Chunk | TextDelta | ReasoningDelta | UpstreamErrorEvent | Done | EndOfBody | StreamBroken
+    Chunk
+    | TextDelta
+    | ReasoningDelta
+    | ArgumentsDelta
+    | UpstreamErrorEvent
+    | Done
+    | EndOfBody
+    | StreamBroken
 )
 
 _DONE = Done()

@@ -19,8 +19,9 @@ OUTCOMES = ("completed", "upstream_broken", "upstream_error", "timeout", "client
 
 class Dialect(Protocol):
     media_type: str
-    # True: may be fed `TextDelta` and `ReasoningDelta` (the byte-level forms of a plain text
-    # or reasoning chunk) once it has seen a full `Chunk`; False: only ever gets parsed events.
+    # True: may be fed `TextDelta`, `ReasoningDelta` and `ArgumentsDelta` (the byte-level forms
+    # of a plain text, reasoning or tool-call arguments chunk) once it has seen a full `Chunk`;
+    # False: only ever gets parsed events.
     text_literals: bool
 
     @property
@@ -36,3 +37,7 @@ class Dialect(Protocol):
 
     def feed_reasoning(self, literal: bytes) -> bytes:
         """`feed(ReasoningDelta([literal]))` without building the event, as `feed_text`."""
+
+    def feed_arguments(self, index: int, literal: bytes) -> bytes:
+        """`feed(ArgumentsDelta(index, [literal]))` without building the event, as
+        `feed_text`."""

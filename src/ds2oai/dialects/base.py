@@ -2,8 +2,9 @@
 
 States: WAITING (nothing sent) -> STREAMING (the first chunk went out) -> FINISHING (a
 finish_reason was seen; waiting for `[DONE]` or the end of the body, usage may still come) ->
-ENDED. This class turns every upstream event into one of five hooks — `_chunk`, `_text` and
-`_reasoning` (the byte-level forms of a plain text or reasoning chunk), `_completed`, `_error` —
+ENDED. This class turns every upstream event into one of six hooks — `_chunk`, `_text`,
+`_reasoning` and `_arguments` (the byte-level forms of a plain text, reasoning or tool-call
+arguments chunk), `_completed`, `_error` —
 so a dialect only says how each looks on its wire. A stream completes only after a
 finish_reason; once FINISHING, a broken body still completes (the answer is whole, only `[DONE]`
 or a late usage chunk is lost); nothing is emitted after ENDED.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import enum
 
 from ds2oai.events import (
+    ArgumentsDelta,
     Chunk,
     Done,
     EndOfBody,
@@ -40,8 +42,9 @@ _STREAMING = State.STREAMING  # read per text chunk: a module global, not a clas
 
 class ChunkDialect:
     media_type = "text/event-stream"
-    # Takes `TextDelta` and `ReasoningDelta` (a text or thinking chunk as the upstream's JSON
-    # string literal) via `_text` and `_reasoning`.
+    # Takes `TextDelta`, `ReasoningDelta` and `ArgumentsDelta` (a text, thinking or tool-call
+    # arguments chunk as the upstream's JSON string literal) via `_text`, `_reasoning` and
+    # `_arguments`.
     text_literals = True
 
     __slots__ = ("_outcome", "_state")
@@ -65,6 +68,10 @@ class ChunkDialect:
             return self._chunk(event)
         if type(event) is ReasoningDelta:
             return self._reasoning(event.literals) if self._state is State.STREAMING else b""
+        if type(event) is ArgumentsDelta:
+            if self._state is not State.STREAMING:
+                return b""
+            return self._arguments(event.index, event.literals)
         if isinstance(event, Done | EndOfBody):
             if self._state is State.FINISHING:
                 return self._end_completed()
@@ -83,6 +90,9 @@ class ChunkDialect:
 
     def feed_reasoning(self, literal: bytes) -> bytes:
         return self._reasoning([literal]) if self._state is _STREAMING else b""
+
+    def feed_arguments(self, index: int, literal: bytes) -> bytes:
+        return self._arguments(index, [literal]) if self._state is _STREAMING else b""
 
     def _end_completed(self) -> bytes:
         self._state = State.ENDED
@@ -106,6 +116,11 @@ class ChunkDialect:
     def _reasoning(self, literals: list[bytes]) -> bytes:
         """Plain reasoning chunks, each `reasoning_content` given as a valid JSON string
         literal."""
+        raise NotImplementedError
+
+    def _arguments(self, index: int, literals: list[bytes]) -> bytes:
+        """Chunks holding only a fragment of tool call `index`'s arguments, each fragment a
+        valid JSON string literal."""
         raise NotImplementedError
 
     def _completed(self) -> bytes:

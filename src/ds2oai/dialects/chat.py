@@ -29,6 +29,8 @@ _DONE = b"data: [DONE]\n\n"
 
 class ChatDialect(ChunkDialect):
     __slots__ = (
+        "_arguments_heads",
+        "_arguments_prefix",
         "_created",
         "_fingerprint",
         "_id",
@@ -55,6 +57,8 @@ class ChatDialect(ChunkDialect):
         self._text_glue = b""
         self._reasoning_head = b""
         self._reasoning_glue = b""
+        self._arguments_prefix = b""
+        self._arguments_heads: dict[int, bytes] = {}  # by tool-call index
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -92,6 +96,10 @@ class ChatDialect(ChunkDialect):
                 b"data: " + head[:cut] + b'"choices":[{"index":0,"delta":{"reasoning_content":'
             )
             self._reasoning_glue = self._text_tail + self._reasoning_head
+            # A tool call's arguments fragment: the same envelope, `_chunk`'s delta for it.
+            self._arguments_prefix = (
+                b"data: " + head[:cut] + b'"choices":[{"index":0,"delta":{"tool_calls":[{"index":'
+            )
         if self._state is State.FINISHING or not chunk.has_choice:
             return b""  # usage-only chunks are re-emitted in OpenAI form at the end
         finish = chunk.finish_reason
@@ -147,6 +155,16 @@ class ChatDialect(ChunkDialect):
         if len(literals) == 1:
             return self._reasoning_head + literals[0] + self._text_tail
         return self._reasoning_head + self._reasoning_glue.join(literals) + self._text_tail
+
+    def _arguments(self, index: int, literals: list[bytes]) -> bytes:
+        head = self._arguments_heads.get(index)
+        if head is None:
+            head = self._arguments_prefix + b'%d,"function":{"arguments":' % index
+            self._arguments_heads[index] = head
+        tail = b"}}]" + self._text_tail
+        if len(literals) == 1:
+            return head + literals[0] + tail
+        return head + (tail + head).join(literals) + tail
 
     def _completed(self) -> bytes:
         out = b""

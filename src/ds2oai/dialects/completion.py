@@ -3,9 +3,10 @@
 The upstream is always called with `stream: true`, so streaming and non-streaming requests
 share one path; this state machine accumulates content, `reasoning_content`, tool calls,
 finish_reason and usage, and `result()` returns the object or raises the `ClientError` the
-client must see (nothing was sent yet, so every failure is a plain HTTP error). Plain text and
-thinking chunks may come as `TextDelta` / `ReasoningDelta` (the byte path's events): their
-JSON string literals are decoded one by one, as parsing each chunk would have.
+client must see (nothing was sent yet, so every failure is a plain HTTP error). Plain text,
+thinking and tool-call arguments chunks may come as `TextDelta` / `ReasoningDelta` /
+`ArgumentsDelta` (the byte path's events): their JSON string literals are decoded one by one,
+as parsing each chunk would have.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from ds2oai import jsonutil
 from ds2oai.errors import ClientError
 from ds2oai.events import (
+    ArgumentsDelta,
     Chunk,
     Done,
     EndOfBody,
@@ -78,6 +80,10 @@ class CompletionCollector:
                 if self._reasoning is None:
                     self._reasoning = []
                 self._reasoning.extend(map(jsonutil.loads, event.literals))
+        elif type(event) is ArgumentsDelta:
+            if self._finish is None:
+                call = self._tools.setdefault(event.index, _ToolCall())
+                call.arguments.extend(map(jsonutil.loads, event.literals))
         elif isinstance(event, Done | EndOfBody):
             self._ended = True
             if self._finish is None:

@@ -43,6 +43,7 @@ from typing import Any
 
 from ds2oai import jsonutil
 from ds2oai.events import (
+    ArgumentsDelta,
     Chunk,
     Done,
     EndOfBody,
@@ -196,6 +197,10 @@ _DELTA_START = {
     for kind, t in _DELTA_TYPES.items()
 }
 _DELTA_END = {"message": b',"logprobs":[]}\n\n', "reasoning": b"}\n\n"}
+_ARGUMENTS_START = (
+    b"event: response.function_call_arguments.delta\n"
+    b'data: {"type":"response.function_call_arguments.delta","sequence_number":'
+)
 
 
 class ResponsesDialect:
@@ -255,6 +260,9 @@ class ResponsesDialect:
     def feed_reasoning(self, literal: bytes) -> bytes:
         return self._literal("reasoning", literal)
 
+    def feed_arguments(self, index: int, literal: bytes) -> bytes:
+        return self._arguments_literal(index, literal)
+
     @property
     def outcome(self) -> str | None:
         return self._outcome
@@ -268,6 +276,9 @@ class ResponsesDialect:
             return self._chunk(event)
         if type(event) is ReasoningDelta:
             return b"".join([self._literal("reasoning", literal) for literal in event.literals])
+        if type(event) is ArgumentsDelta:
+            index = event.index
+            return b"".join([self._arguments_literal(index, lit) for lit in event.literals])
         out = self._start() if self._state is _State.WAITING else b""
         if self._state is _State.FINISHING:
             # The answer is whole: [DONE], the end of the body, or a failure that only lost
@@ -414,6 +425,24 @@ class ResponsesDialect:
         seq = self._seq
         self._seq = seq + 1
         return b"".join((_DELTA_START[kind], b"%d" % seq, head, literal, _DELTA_END[kind]))
+
+    def _arguments_literal(self, index: int, literal: bytes) -> bytes:
+        """A chunk holding only a fragment of tool call `index`'s arguments (a valid JSON
+        string literal): what `_chunk` writes for it, as `_literal` does for text."""
+        if self._state is not _State.STREAMING:
+            return b""
+        item = self._calls.get(index)
+        if item is None or item is not self._open or literal == b'""':
+            # A new or closed call, or nothing to add: the parsed path's own handling.
+            return self._tool_call(ToolCallDelta(index, None, None, jsonutil.loads(literal)))
+        item.parts.append(jsonutil.loads(literal))
+        head = item.delta_head
+        if head is None:
+            where = jsonutil.dumps({"item_id": item.id, "output_index": item.index, "delta": ""})
+            head = item.delta_head = b"," + where[1:-3]  # without `{` and `""}`
+        seq = self._seq
+        self._seq = seq + 1
+        return b"".join((_ARGUMENTS_START, b"%d" % seq, head, literal, b"}\n\n"))
 
     def _tool_call(self, delta: ToolCallDelta) -> bytes:
         out = b""

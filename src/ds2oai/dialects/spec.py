@@ -96,6 +96,9 @@ class SpecDialect(ChunkDialect):
     def _reasoning(self, literals: list[bytes]) -> bytes:
         return b""  # SPEC §3 has no event for thinking (as in `_chunk`)
 
+    def _arguments(self, index: int, literals: list[bytes]) -> bytes:
+        return b""  # nor for tool calls (as in `_chunk`)
+
     def _completed(self) -> bytes:
         return encode_event(
             "response.completed",

@@ -73,7 +73,7 @@ log = logging.getLogger("ds2oai.reframe")
 class Collector(Protocol):
     """Non-streaming counterpart of a dialect: accumulate, then `result()` or raise."""
 
-    # As `Dialect.text_literals`: True when `feed` also takes `TextDelta` and `ReasoningDelta`.
+    # As `Dialect.text_literals`: True when `feed` also takes the byte path's delta events.
     text_literals: bool
 
     @property
@@ -195,11 +195,11 @@ async def _next(body: Body) -> bytes | None:
 
 
 class _Tap:
-    """What the loop in `Reframe._stream` does with a read that is one plain text or reasoning
-    chunk, as a callback for the upstream connection (`UpstreamBody.splice(tap.take, turn)`):
-    the dialect's bytes go straight to the client. Anything else is declined and left to the
-    loop, as is everything while the client is gone or slow (the sink's writes wait for it;
-    these cannot).
+    """What the loop in `Reframe._stream` does with a read that is one plain text, reasoning or
+    tool-call arguments chunk, as a callback for the upstream connection
+    (`UpstreamBody.splice(tap.take, turn)`): the dialect's bytes go straight to the client.
+    Anything else is declined and left to the loop, as is everything while the client is gone
+    or slow (the sink's writes wait for it; these cannot).
     A class rather than a closure: two objects per stream (it and its bound `take`) instead of
     a function, its cells and bound methods, which the cyclic GC would walk for as long as the
     stream lasts; and a bound method is cheaper to call from C than an instance's `__call__`."""
@@ -221,9 +221,13 @@ class _Tap:
             produced = self._dialect.feed_text(literal)
         else:
             literal = reader.reasoning_literal(data)
-            if literal is None:
-                return False
-            produced = self._dialect.feed_reasoning(literal)
+            if literal is not None:
+                produced = self._dialect.feed_reasoning(literal)
+            else:
+                literal = reader.arguments_literal(data)
+                if literal is None:
+                    return False
+                produced = self._dialect.feed_arguments(reader.arguments_index, literal)
         if produced:
             downstream.write(produced)
         return True
@@ -389,6 +393,7 @@ class Reframe:
                             downstream = offered
                 literal: bytes | None = None  # the read was one text chunk: no events
                 reasoning = False  # ... or one reasoning chunk
+                arguments = False  # ... or one tool-call arguments chunk
                 events: list[UpstreamEvent]
                 try:
                     if not started and self._keepalive > 0:
@@ -428,6 +433,9 @@ class Reframe:
                             if literal is None:
                                 literal = reader.reasoning_literal(data)
                                 reasoning = literal is not None
+                                if literal is None:
+                                    literal = reader.arguments_literal(data)
+                                    arguments = literal is not None
                     if literal is None:
                         events = [EndOfBody()] if data is None else reader.read(data)
                 except UpstreamStreamError as exc:
@@ -435,11 +443,13 @@ class Reframe:
                 except SSEDecodeError as exc:
                     events = [StreamBroken(str(exc))]
                 if literal is not None:
-                    # A paced stream's usual read, one plain text or thinking chunk: what the
-                    # loop below makes of it (such a delta never ends the stream), without its
-                    # lists.
+                    # A paced stream's usual read, one plain text, thinking or tool-call
+                    # arguments chunk: what the loop below makes of it (such a delta never ends
+                    # the stream), without its lists.
                     if reasoning:
                         produced = dialect.feed_reasoning(literal)
+                    elif arguments:
+                        produced = dialect.feed_arguments(reader.arguments_index, literal)
                     else:
                         produced = dialect.feed_text(literal)
                     if produced:
