@@ -7,7 +7,8 @@ proxy in this process between them (each upstream connection gets a random fault
 truncation at an SSE event boundary, random splits, slow drip, or none). Workers then send, for
 `--seconds`: normal streams (both streaming dialects, and non-streaming requests),
 deepseek-reasoner streams (thinking, then text; on the chat and Responses routes the thinking
-is checked too), `/v1/responses` streams and non-streaming answers,
+is checked too), `/v1/responses` streams and non-streaming answers, parallel tool calls on the
+chat and Responses routes,
 streams the mock breaks itself (`test_mode` stream_error, error_event, malformed,
 insufficient_system_resource, rate_limit, server_error, slow, keepalive), clients that go away
 mid-stream, and bad inputs (invalid JSON, oversized bodies, wrong methods, deep nesting, unknown
@@ -57,7 +58,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mock_upstream.mock_deepseek_sse import NORMAL_TOKENS, REASONING_TOKENS  # noqa: E402
+from mock_upstream.mock_deepseek_sse import (  # noqa: E402
+    NORMAL_TOKENS,
+    REASONING_TOKENS,
+    TIME_CALL,
+    WEATHER_CALL,
+)
 from tests.chaos_proxy import ChaosProxy, mixed_policy  # noqa: E402
 from tests.sse_client import parse_events  # noqa: E402
 
@@ -84,6 +90,7 @@ class Scenario:
     body: dict[str, Any]
     tokens: tuple[str, ...] = NORMAL_TOKENS
     thinking: tuple[str, ...] = ()
+    calls: tuple[tuple[str, str], ...] = ()  # (name, arguments) of the tool calls, in order
     complete: bool = True
     stream_errors: frozenset[str] = frozenset()
     http: frozenset[tuple[int, str]] = frozenset()
@@ -114,6 +121,8 @@ def _chat(test_mode: str = "normal", **extra: Any) -> dict[str, Any]:
 
 
 LONG = tuple(f"tok{i} " for i in range(40))
+WEATHER = ((WEATHER_CALL[2], "".join(WEATHER_CALL[3])),)
+BOTH_CALLS = (*WEATHER, (TIME_CALL[2], "".join(TIME_CALL[3])))
 UPSTREAM_ERROR = frozenset({"upstream_error"})
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -139,7 +148,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         route="/openai/v1/chat/completions",
     ),
     Scenario("non_stream", 2, _chat(stream=False)),
+    Scenario(
+        "chat_tool_calls",
+        1,
+        _chat("parallel_tool_calls"),
+        tokens=(),
+        calls=BOTH_CALLS,
+        route="/openai/v1/chat/completions",
+    ),
     Scenario("responses", 2, _responses(), route="/v1/responses"),
+    Scenario(
+        "responses_tool_calls",
+        1,
+        _responses("parallel_tool_calls"),
+        tokens=(),
+        calls=BOTH_CALLS,
+        route="/v1/responses",
+    ),
     Scenario(
         "responses_long",
         1,
@@ -334,6 +359,7 @@ def verify_chat(s: Scenario, body: bytes) -> str:
     thoughts = [c["choices"][0]["delta"].get("reasoning_content") for c in chunks]
     thoughts = [t for t in thoughts if t]
     _prefix(thoughts, s.thinking)
+    calls = _chat_calls(chunks, s)
     if errors:
         if errors[0]["type"] != BROKEN and errors[0]["type"] not in s.stream_errors:
             raise Verdict("lost", f"unexpected error chunk {errors[0]}")
@@ -343,6 +369,8 @@ def verify_chat(s: Scenario, body: bytes) -> str:
         raise Verdict("lost", f"ended as a success without the whole text: finish={finish}")
     if thoughts != list(s.thinking):
         raise Verdict("lost", f"ended as a success without the whole thinking: {thoughts[-3:]}")
+    if calls != [call for _name, call in s.calls]:
+        raise Verdict("lost", f"ended as a success without the whole tool calls: {calls}")
     return "completed"
 
 
@@ -367,6 +395,17 @@ def verify_responses(s: Scenario, body: bytes) -> str:
     thoughts = [o["delta"] for o in objs if o["type"] == "response.reasoning_text.delta"]
     _prefix(pieces, s.tokens)
     _prefix(thoughts, s.thinking)
+    fragments: dict[str, str] = {}
+    for o in objs:
+        if o["type"] == "response.function_call_arguments.delta":
+            fragments[o["item_id"]] = fragments.get(o["item_id"], "") + o["delta"]
+    expected = [arguments for _name, arguments in s.calls]
+    parts = list(fragments.values())
+    if len(parts) > len(expected) or any(
+        not whole.startswith(part)
+        for part, whole in zip(parts, expected[: len(parts)], strict=True)
+    ):
+        raise Verdict("duplicated", f"tool call arguments {list(fragments.values())}")
     if terminal[0] == "response.completed":
         if not s.complete or pieces != list(s.tokens) or thoughts != list(s.thinking):
             raise Verdict("lost", f"completed without the whole text: {pieces[-3:]}")
@@ -379,12 +418,34 @@ def verify_responses(s: Scenario, body: bytes) -> str:
 
 
 def _whole_output(response: dict[str, Any], s: Scenario) -> None:
-    texts = {item["type"]: item["content"][0]["text"] for item in response["output"]}
-    expected = {"message": "".join(s.tokens)}
+    output = response["output"]
+    texts = {i["type"]: i["content"][0]["text"] for i in output if i["type"] != "function_call"}
+    expected = {"message": "".join(s.tokens)} if s.tokens else {}
     if s.thinking:
         expected["reasoning"] = "".join(s.thinking)
     if texts != expected:
         raise Verdict("lost", f"final output {str(texts)[:120]}")
+    calls = [(i["name"], i["arguments"]) for i in output if i["type"] == "function_call"]
+    if calls != list(s.calls):
+        raise Verdict("lost", f"final tool calls {calls}")
+
+
+def _chat_calls(chunks: list[dict[str, Any]], s: Scenario) -> list[str]:
+    """Each tool call's arguments, by index, after checking they are prefixes of the expected
+    ones and carry the expected names."""
+    arguments: dict[int, str] = {}
+    for c in chunks:
+        for call in c["choices"][0]["delta"].get("tool_calls") or ():
+            index = call["index"]
+            function = call.get("function") or {}
+            name = function.get("name")
+            if name is not None and (index >= len(s.calls) or name != s.calls[index][0]):
+                raise Verdict("lost", f"tool call {index} named {name!r}")
+            arguments[index] = arguments.get(index, "") + function.get("arguments", "")
+    for index, text in arguments.items():
+        if index >= len(s.calls) or not s.calls[index][1].startswith(text):
+            raise Verdict("duplicated", f"tool call {index} arguments {text!r}")
+    return [arguments[i] for i in sorted(arguments)]
 
 
 def verify_json(s: Scenario, body: bytes) -> str:
