@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ds2oai import jsonutil
 from ds2oai.chunk_template import TextTemplate
 from ds2oai.dialects import Dialect
 from ds2oai.dialects.chat import ChatDialect
@@ -434,14 +435,20 @@ def test_a_plain_answer_is_collected_from_the_byte_path() -> None:
     assert answer["choices"][0]["finish_reason"] == "stop"
 
 
+def _canonical(data: str) -> str:
+    return jsonutil.dumps(json.loads(data)).decode()
+
+
 def _decoded(stream: bytes) -> list[Any]:
+    """Each event's lines and data, the JSON re-encoded one way: only the escaping of strings
+    may differ between two streams that compare equal (key order and number types may not)."""
     out: list[Any] = []
     for block in stream.decode().split("\n\n"):
         if not block:
             continue
         lines = block.split("\n")
         data = lines[-1].removeprefix("data: ")
-        out.append((lines[:-1], data if data == "[DONE]" else json.loads(data)))
+        out.append((lines[:-1], data if data == "[DONE]" else _canonical(data)))
     return out
 
 

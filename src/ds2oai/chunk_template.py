@@ -144,10 +144,11 @@ class TextTemplate:
         if literal is None:
             return None
         prefix, suffix = payload[: literal.start()], payload[literal.end() :]
-        # Prove the text sits at choices[0].delta.content and nowhere else: the same bytes with
-        # another text must be the same JSON document with only that text changed. The probe
-        # must differ from the chunk's own text, or finding it there would prove nothing (the
-        # literal might sit under a key that a later duplicate overrides).
+        # Prove the text sits where `holder` says (choices[0].delta.content, say) and nowhere
+        # else: the same bytes with another text must be the same JSON document with only that
+        # text changed. The probe must differ from the chunk's own text, or finding it there
+        # would prove nothing (the literal might sit under a key that a later duplicate
+        # overrides).
         text = _PROBE if original != _PROBE else _OTHER_PROBE
         try:
             probe = jsonutil.loads(prefix + jsonutil.dumps(text) + suffix)

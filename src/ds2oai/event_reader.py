@@ -7,8 +7,8 @@ messages are cleaned of control characters and secrets. With templates on, conse
 payloads that fit the stream's text template (`chunk_template`) become one `TextDelta`
 without JSON parsing, those that fit its reasoning template one `ReasoningDelta`, and those
 that fit its tool-call arguments template one `ArgumentsDelta`; everything else is parsed in
-full. A template is learned only from a parsed chunk of its kind,
-so a dialect always sees a full `Chunk` before the first `TextDelta` or `ReasoningDelta`.
+full. A template is learned only from a parsed chunk of its kind, so a dialect always sees a
+full `Chunk` before the first delta event of that kind.
 Touches only the exchange's trace; no I/O.
 """
 

@@ -3,8 +3,9 @@
 `parse_upstream_event()` turns one upstream SSE `data` payload into exactly one of `Chunk`,
 `UpstreamErrorEvent` or `Done`, or raises `MalformedChunk`; it tolerates missing or empty
 `choices`, `null` content and extra fields. `TextDelta` is the byte-level short form of a plain
-text `Chunk` (see `chunk_template`), `ReasoningDelta` that of a plain reasoning one. The end of
-the upstream body and its failures are given to the dialects as `EndOfBody` and `StreamBroken`.
+text `Chunk` (see `chunk_template`), `ReasoningDelta` that of a plain reasoning one and
+`ArgumentsDelta` that of a chunk holding only a tool call's arguments fragment. The end of the
+upstream body and its failures are given to the dialects as `EndOfBody` and `StreamBroken`.
 Pure data; no I/O.
 """
 

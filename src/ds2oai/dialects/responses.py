@@ -27,11 +27,11 @@ events. `response.failed` alone is one terminal event, every SDK version parses 
 has a "response" key, no top-level "error"), it carries `response.error {code, message}`, and
 `get_final_response()` still raises because no `response.completed` came.
 
-Plain text and thinking chunks may also come as JSON string literals (`feed_text`,
-`feed_reasoning`, or `TextDelta` / `ReasoningDelta` through `feed`): the delta event is then
-written around the literal from bytes prepared once per item, and the literal decoded once
-for the item's text. The result is the same event as for the parsed chunk (its JSON may
-escape the text differently).
+Plain text, thinking and tool-call arguments chunks may also come as JSON string literals
+(`feed_text`, `feed_reasoning`, `feed_arguments`, or `TextDelta` / `ReasoningDelta` /
+`ArgumentsDelta` through `feed`): the delta event is then written around the literal from
+bytes prepared once per item, and the literal decoded once for the item's text. The result is
+the same event as for the parsed chunk (its JSON may escape the text differently).
 """
 
 from __future__ import annotations
