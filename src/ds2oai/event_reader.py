@@ -82,16 +82,16 @@ class EventReader:
     def reasoning_literal(self, data: bytes) -> bytes | None:
         """`text_literal` for one whole plain reasoning chunk (the reasoning template's): what
         `read(data)` would return as a one-literal `ReasoningDelta`. None otherwise."""
-        template = self._reasoning
-        if template is None or not self._decoder.between_events(len(data)):
-            return None
-        return template.event_literal(data)
+        return self._event_literal(self._reasoning, data)
 
     def arguments_literal(self, data: bytes) -> bytes | None:
         """`text_literal` for one whole tool-call arguments chunk (the arguments template's,
         for the call `arguments_index`): what `read(data)` would return as a one-literal
         `ArgumentsDelta`. None otherwise."""
-        template = self._arguments
+        return self._event_literal(self._arguments, data)
+
+    def _event_literal(self, template: TextTemplate | None, data: bytes) -> bytes | None:
+        # `text_literal` has these lines inline: it runs on every paced read.
         if template is None or not self._decoder.between_events(len(data)):
             return None
         return template.event_literal(data)

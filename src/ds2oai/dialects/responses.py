@@ -142,7 +142,7 @@ class _Item:
         self.call_id = ""
         self.name = ""
         self.encrypted: str | None = None
-        # Its delta events' bytes after the sequence number, up to the text (`_literal`).
+        # Its delta events' bytes after the sequence number, up to the text (`_delta`).
         self.delta_head: bytes | None = None
 
     @property
@@ -190,17 +190,19 @@ class _Item:
 _DELTA_TYPES = {
     "message": "response.output_text.delta",
     "reasoning": "response.reasoning_text.delta",
+    "function_call": "response.function_call_arguments.delta",
 }
-# `_emit`'s bytes for a delta event, in pieces: before the sequence number, and after the text.
+# `_emit`'s bytes for an item kind's delta event, in pieces: before the sequence number, and
+# after the text.
 _DELTA_START = {
     kind: b"event: " + t.encode() + b'\ndata: {"type":"' + t.encode() + b'","sequence_number":'
     for kind, t in _DELTA_TYPES.items()
 }
-_DELTA_END = {"message": b',"logprobs":[]}\n\n', "reasoning": b"}\n\n"}
-_ARGUMENTS_START = (
-    b"event: response.function_call_arguments.delta\n"
-    b'data: {"type":"response.function_call_arguments.delta","sequence_number":'
-)
+_DELTA_END = {
+    "message": b',"logprobs":[]}\n\n',
+    "reasoning": b"}\n\n",
+    "function_call": b"}\n\n",
+}
 
 
 class ResponsesDialect:
@@ -417,14 +419,7 @@ class ResponsesDialect:
         item = self._open
         if item is None or item.kind != kind:
             return self._text(kind, jsonutil.loads(literal))  # opens the item
-        item.parts.append(jsonutil.loads(literal))
-        head = item.delta_head
-        if head is None:
-            where = jsonutil.dumps({**self._where(item), "delta": ""})
-            head = item.delta_head = b"," + where[1:-3]  # without `{` and `""}`
-        seq = self._seq
-        self._seq = seq + 1
-        return b"".join((_DELTA_START[kind], b"%d" % seq, head, literal, _DELTA_END[kind]))
+        return self._delta(item, literal)
 
     def _arguments_literal(self, index: int, literal: bytes) -> bytes:
         """A chunk holding only a fragment of tool call `index`'s arguments (a valid JSON
@@ -435,14 +430,23 @@ class ResponsesDialect:
         if item is None or item is not self._open or literal == b'""':
             # A new or closed call, or nothing to add: the parsed path's own handling.
             return self._tool_call(ToolCallDelta(index, None, None, jsonutil.loads(literal)))
+        return self._delta(item, literal)
+
+    def _delta(self, item: _Item, literal: bytes) -> bytes:
+        """The open `item`'s delta event for `literal`, as `_text` or `_tool_call` emits it."""
         item.parts.append(jsonutil.loads(literal))
         head = item.delta_head
         if head is None:
-            where = jsonutil.dumps({"item_id": item.id, "output_index": item.index, "delta": ""})
-            head = item.delta_head = b"," + where[1:-3]  # without `{` and `""}`
+            if item.kind == "function_call":
+                where = {"item_id": item.id, "output_index": item.index}
+            else:
+                where = self._where(item)
+            # The fields after the sequence number, without `{` and the empty text's `""}`.
+            head = item.delta_head = b"," + jsonutil.dumps({**where, "delta": ""})[1:-3]
         seq = self._seq
         self._seq = seq + 1
-        return b"".join((_ARGUMENTS_START, b"%d" % seq, head, literal, b"}\n\n"))
+        kind = item.kind
+        return b"".join((_DELTA_START[kind], b"%d" % seq, head, literal, _DELTA_END[kind]))
 
     def _tool_call(self, delta: ToolCallDelta) -> bytes:
         out = b""
