@@ -64,13 +64,14 @@ def test_an_exception_is_named_not_dumped() -> None:
 
 
 FIELDS = {"request_id": "abc", "status": 200, "upstream_statuses": [200], "key_id": None}
+Sole = tuple[logging.Logger, logs.JSONHandler, io.StringIO]
 
 
 @pytest.fixture
-def sole() -> Iterator[tuple[logging.Logger, logs.JSONHandler, io.StringIO]]:
+def sole() -> Iterator[Sole]:
     """A logger whose only destination is one `JSONHandler`, as `configure()` sets up.
 
-    Each test sets `handlers` again: pytest attaches its capture handlers to non-propagating
+    Tests take it through `only()`: pytest attaches its capture handlers to non-propagating
     loggers too when the test's call phase starts, and with them there the record path runs.
     """
     stream = io.StringIO()
@@ -85,6 +86,13 @@ def sole() -> Iterator[tuple[logging.Logger, logs.JSONHandler, io.StringIO]]:
     logger.setLevel(logging.NOTSET)
 
 
+def only(sole: Sole) -> Sole:
+    """`sole` with pytest's capture handlers taken off again (see the fixture)."""
+    logger, handler, _stream = sole
+    logger.handlers[:] = [handler]
+    return sole
+
+
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -94,11 +102,10 @@ def _without_ts(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_direct_line_is_the_line_a_record_gives(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    logger, handler, stream = sole
-    logger.handlers[:] = [handler]
+    logger, _handler, stream = only(sole)
     logger.info("request", extra=FIELDS)
     with monkeypatch.context() as m:  # the direct path builds no record at all
         m.setattr(logging.Logger, "makeRecord", _no_record)
@@ -115,7 +122,7 @@ def _no_record(*_args: object, **_kwargs: object) -> logging.LogRecord:
 
 
 def test_another_handler_on_the_way_gets_the_record(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
 ) -> None:
     logger, handler, stream = sole
     seen: list[logging.LogRecord] = []
@@ -136,10 +143,9 @@ def test_another_handler_on_the_way_gets_the_record(
 
 
 def test_a_filter_on_the_way_still_decides(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
 ) -> None:
-    logger, handler, stream = sole
-    logger.handlers[:] = [handler]
+    logger, _handler, stream = only(sole)
     logger.addFilter(lambda record: record.__dict__.get("request_id") != "abc")
     logs.info(logger, "request", FIELDS)
     logs.info(logger, "request", {**FIELDS, "request_id": "xyz"})
@@ -147,10 +153,9 @@ def test_a_filter_on_the_way_still_decides(
 
 
 def test_info_writes_nothing_below_the_logger_or_handler_level(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
 ) -> None:
-    logger, handler, stream = sole
-    logger.handlers[:] = [handler]
+    logger, handler, stream = only(sole)
     logger.setLevel(logging.WARNING)
     logs.info(logger, "request", FIELDS)
     logger.setLevel(logging.INFO)
@@ -160,11 +165,10 @@ def test_info_writes_nothing_below_the_logger_or_handler_level(
 
 
 def test_a_failing_stream_is_reported_like_logging_does(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    logger, handler, _stream = sole
-    logger.handlers[:] = [handler]
+    logger, handler, _stream = only(sole)
 
     class Broken(io.StringIO):
         def write(self, _text: str) -> int:
@@ -178,10 +182,9 @@ def test_a_failing_stream_is_reported_like_logging_does(
 
 
 def test_a_record_factory_or_another_formatter_gets_the_record(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
 ) -> None:
-    logger, handler, stream = sole
-    logger.handlers[:] = [handler]
+    logger, handler, stream = only(sole)
     default = logging.getLogRecordFactory()
 
     def with_trace(*args: Any, **kwargs: Any) -> logging.LogRecord:
@@ -201,10 +204,9 @@ def test_a_record_factory_or_another_formatter_gets_the_record(
 
 
 def test_a_reserved_field_name_raises_as_logging_does(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
 ) -> None:
-    logger, handler, stream = sole
-    logger.handlers[:] = [handler]
+    logger, _handler, stream = only(sole)
     with pytest.raises(KeyError, match="name"):
         logger.info("request", extra={"name": "x"})
     with pytest.raises(KeyError, match="name"):
@@ -213,13 +215,12 @@ def test_a_reserved_field_name_raises_as_logging_does(
 
 
 def test_a_stream_without_flush_is_written_as_logging_writes_it(
-    sole: tuple[logging.Logger, logs.JSONHandler, io.StringIO],
+    sole: Sole,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    logger, handler, _stream = sole
+    logger, handler, _stream = only(sole)
     errors: list[logging.LogRecord] = []
     monkeypatch.setattr(handler, "handleError", errors.append)
-    logger.handlers[:] = [handler]
     written: list[str] = []
 
     class NoFlush:

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from ds2oai import http1
 from ds2oai.chain import takes_downstream, wants_downstream
@@ -238,6 +239,31 @@ def chat_text(events: list[Event]) -> str:
     return "".join(out)
 
 
+async def chat_stream(client: aiohttp.ClientSession, server: TestServer) -> list[Event]:
+    """A streamed answer on the OpenAI chat route, as events."""
+    url = server.make_url("/openai/v1/chat/completions")
+    async with client.post(url, json=body(stream=True)) as r:
+        return await read_events(r)
+
+
+async def responses_stream(
+    client: aiohttp.ClientSession, server: TestServer
+) -> list[dict[str, Any]]:
+    """A streamed `/v1/responses` answer's event data, checked to be numbered 0, 1, 2, …"""
+    request = {"model": "deepseek-chat", "input": "hi", "stream": True, "store": False}
+    async with client.post(server.make_url("/v1/responses"), json=request) as r:
+        events = await read_events(r)
+    data = [e.json() for e in events]
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    assert all(d["type"] == e.event for d, e in zip(data, events, strict=True))
+    return data
+
+
+def spliced(taken: list[bytes], reads: set[bytes]) -> int:
+    """How many of `reads` the splice took."""
+    return len([read for read in taken if read in reads])
+
+
 async def over_a_raw_socket(port: int | None, version: bytes = b"1.1") -> bytes:
     """A streamed request that ends the connection after the answer; every byte of it."""
     assert port is not None
@@ -283,9 +309,7 @@ async def test_paced_text_is_exact_on_the_chat_route(
 ) -> None:
     fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
     server = await gateway(fault_upstream.url)
-    url = server.make_url("/openai/v1/chat/completions")
-    async with client.post(url, json=body(stream=True)) as r:
-        events = await read_events(r)
+    events = await chat_stream(client, server)
     assert chat_text(events) == TEXT
     assert events[-1].data == "[DONE]"
     finishes = [c["finish_reason"] for e in events[:-1] for c in e.json()["choices"]]
@@ -317,16 +341,13 @@ async def test_paced_thinking_is_spliced_and_exact_on_both_routes(
     server = await gateway(fault_upstream.url)
 
     fault_upstream.queue(sse_script(upstream_events, delay=PACE))
-    url = server.make_url("/openai/v1/chat/completions")
-    async with client.post(url, json=body(stream=True)) as r:
-        events = await read_events(r)
+    events = await chat_stream(client, server)
     deltas = [c["delta"] for e in events[:-1] for c in e.json()["choices"]]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == TEXT
     assert "".join(d.get("content") or "" for d in deltas) == "".join(TOKENS[:3])
     assert sum("reasoning_content" in d for d in deltas) == len(TOKENS)
     assert events[-1].data == "[DONE]"
-    spliced_on_chat = [read for read in taken if read in thoughts]
-    assert len(spliced_on_chat) >= len(TOKENS) // 2
+    assert spliced(taken, thoughts) >= len(TOKENS) // 2
 
     taken.clear()
     fault_upstream.queue(sse_script(upstream_events, delay=PACE))
@@ -337,7 +358,7 @@ async def test_paced_thinking_is_spliced_and_exact_on_both_routes(
     assert spec_text(events) == "".join(TOKENS[:3])
     assert [e.event for e in events].count("response.output_text.delta") == 3
     assert events[-1].event == "response.completed"
-    assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
+    assert spliced(taken, thoughts) >= len(TOKENS) // 2
 
 
 async def test_paced_thinking_and_text_are_spliced_and_exact_on_the_responses_route(
@@ -350,12 +371,7 @@ async def test_paced_thinking_and_text_are_spliced_and_exact_on_the_responses_ro
     thoughts = set(upstream_events[2 : 1 + len(TOKENS)])  # the first one is parsed (learned)
     fault_upstream.queue(sse_script(upstream_events, delay=PACE))
     server = await gateway(fault_upstream.url)
-    request = {"model": "deepseek-chat", "input": "hi", "stream": True, "store": False}
-    async with client.post(server.make_url("/v1/responses"), json=request) as r:
-        events = await read_events(r)
-    data = [e.json() for e in events]
-    assert [d["sequence_number"] for d in data] == list(range(len(data)))
-    assert all(d["type"] == e.event for d, e in zip(data, events, strict=True))
+    data = await responses_stream(client, server)
     reasoning = [d["delta"] for d in data if d["type"] == "response.reasoning_text.delta"]
     text = [d["delta"] for d in data if d["type"] == "response.output_text.delta"]
     assert reasoning == TOKENS
@@ -365,7 +381,7 @@ async def test_paced_thinking_and_text_are_spliced_and_exact_on_the_responses_ro
     assert [item["type"] for item in output] == ["reasoning", "message"]
     assert output[0]["content"][0]["text"] == TEXT
     assert output[1]["content"][0]["text"] == "".join(TOKENS[:3])
-    assert len([read for read in taken if read in thoughts]) >= len(TOKENS) // 2
+    assert spliced(taken, thoughts) >= len(TOKENS) // 2
 
 
 def tool_call_events() -> list[bytes]:
@@ -399,9 +415,7 @@ async def test_paced_tool_call_arguments_are_spliced_and_exact(
     server = await gateway(fault_upstream.url)
 
     fault_upstream.queue(sse_script(upstream_events, delay=PACE))
-    url = server.make_url("/openai/v1/chat/completions")
-    async with client.post(url, json=body(stream=True)) as r:
-        events = await read_events(r)
+    events = await chat_stream(client, server)
     calls = [
         c
         for e in events[:-1]
@@ -412,15 +426,11 @@ async def test_paced_tool_call_arguments_are_spliced_and_exact(
     assert [c.get("id") for c in calls if c.get("id")] == ["call_1"]
     assert {c["index"] for c in calls} == {0}
     assert events[-1].data == "[DONE]"
-    assert len([read for read in taken if read in fragments]) >= len(TOKENS) // 2
+    assert spliced(taken, fragments) >= len(TOKENS) // 2
 
     taken.clear()
     fault_upstream.queue(sse_script(upstream_events, delay=PACE))
-    request = {"model": "deepseek-chat", "input": "hi", "stream": True, "store": False}
-    async with client.post(server.make_url("/v1/responses"), json=request) as r:
-        events = await read_events(r)
-    data = [e.json() for e in events]
-    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    data = await responses_stream(client, server)
     deltas = [d["delta"] for d in data if d["type"] == "response.function_call_arguments.delta"]
     assert deltas == TOKENS
     assert data[-1]["type"] == "response.completed"
@@ -431,7 +441,7 @@ async def test_paced_tool_call_arguments_are_spliced_and_exact(
         "w",
         TEXT,
     )
-    assert len([read for read in taken if read in fragments]) >= len(TOKENS) // 2
+    assert spliced(taken, fragments) >= len(TOKENS) // 2
 
 
 @pytest.mark.parametrize("end", [Close(), Reset()], ids=["truncated", "reset"])
