@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -177,3 +179,78 @@ async def test_workers_share_one_port_and_aggregate_metrics(
     assert proc.returncode == 0, out
     assert len(pids) == 2
     assert line in text
+
+
+def _serve_with_limits(
+    tmp_path: Path, upstream: str, soft: int, hard: int
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": upstream}
+    env.pop("DS2OAI_CONFIG", None)
+    out_path = tmp_path / "out.log"
+
+    # The shell sets the limits and execs the gateway: as a user's `ulimit` would.
+    serve = f"{shlex.quote(sys.executable)} -m ds2oai serve --port {port}"
+    with out_path.open("wb") as out_file:
+        proc = subprocess.Popen(
+            ["bash", "-c", f"ulimit -Sn {soft} && ulimit -Hn {hard} && exec {serve}"],
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    return proc, port, out_path
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-files line in /proc/PID/limits")
+
+
+async def test_serve_raises_a_low_soft_open_files_limit(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    """A soft limit of 64 descriptors would fail most of 60 concurrent streams (two each)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc, port, out_path = _serve_with_limits(tmp_path, mock_upstream_url, 64, hard)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        assert _open_files(proc.pid) == (hard, hard)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT, connector=connector) as client:
+
+            async def one() -> str:
+                body = {**payload, "mock_delay": 0.05}
+                async with client.post(url, json=body) as resp:
+                    assert resp.status == 200
+                    return spec_text(parse_events(await resp.read()))
+
+            texts = await asyncio.gather(*(one() for _ in range(60)))
+        assert all(text.startswith("Hello") for text in texts)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, out_path.read_bytes()
+    assert b"open-files limit is low" not in out_path.read_bytes()
+
+
+async def test_serve_warns_when_even_the_hard_open_files_limit_is_low(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    proc, port, out_path = _serve_with_limits(tmp_path, mock_upstream_url, 256, 1000)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        assert _open_files(proc.pid) == (1000, 1000)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = [json.loads(x) for x in out_path.read_text().splitlines() if x.startswith("{")]
+    warned = [e for e in lines if "open-files limit is low" in e["msg"]]
+    assert len(warned) == 1
+    assert warned[0]["open_files"] == 1000
+    assert warned[0]["level"] == "warning"

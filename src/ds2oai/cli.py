@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -65,6 +66,29 @@ def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+# Each stream holds two descriptors (client and upstream sockets); a few more for the store,
+# logs and the listening socket. Below this many, the limit is reported at start-up.
+_FEW_FILES = 4096
+
+
+def _raise_open_files() -> int:
+    """Raise the soft open-files limit to the hard one (as Go's runtime does); returns it.
+
+    The usual default soft limit, 1024, caps a gateway at about 500 concurrent streams: past
+    it, accept() and upstream connects fail with EMFILE (the latter answered 502). The hard
+    limit is the administrator's choice; the soft one is only a default nobody chose."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        # RLIM_INFINITY is refused for NOFILE on Linux (nr_open caps it): stay finite.
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the warning below still reports it
+    return soft
+
+
 def _serve_one(config: Config) -> None:
     logs.configure(config.logging.level)
     app = create_app(config, owns_process=True)
@@ -118,6 +142,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ds2oai: config error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.logging.level)
+    open_files = _raise_open_files()
+    if open_files < _FEW_FILES:
+        log.warning(
+            "the open-files limit is low: each stream needs two descriptors; raise the hard "
+            "limit (ulimit -Hn, LimitNOFILE=) for more concurrent streams",
+            extra={"open_files": open_files},
+        )
     if not (config.auth.api_keys or config.auth.clients) and not _is_loopback(config.server.host):
         log.warning(
             "no [auth] api_keys configured and binding a non-loopback address: anyone who can "
