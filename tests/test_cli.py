@@ -236,7 +236,8 @@ async def test_serve_raises_a_low_soft_open_files_limit(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0, out_path.read_bytes()
-    assert b"open-files limit is low" not in out_path.read_bytes()
+    # Whether it warns depends only on the hard limit this machine allows.
+    assert (b"open-files limit is low" in out_path.read_bytes()) == (hard < 4096)
 
 
 async def test_serve_warns_when_even_the_hard_open_files_limit_is_low(
