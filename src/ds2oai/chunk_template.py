@@ -75,13 +75,23 @@ class TextTemplate:
 
     @staticmethod
     def eligible(chunk: Chunk) -> bool:
-        """A plain text chunk, one of the two kinds a template may stand for."""
-        return bool(chunk.content) and chunk.reasoning is None and _only_text(chunk)
+        """A plain text chunk: answer text and nothing else."""
+        return (
+            bool(chunk.content)
+            and chunk.reasoning is None
+            and not chunk.tool_calls
+            and _nothing_else(chunk)
+        )
 
     @staticmethod
     def eligible_reasoning(chunk: Chunk) -> bool:
         """A plain reasoning chunk: thinking text and nothing else, `content` null."""
-        return bool(chunk.reasoning) and chunk.content is None and _only_text(chunk)
+        return (
+            bool(chunk.reasoning)
+            and chunk.content is None
+            and not chunk.tool_calls
+            and _nothing_else(chunk)
+        )
 
     @staticmethod
     def eligible_arguments(chunk: Chunk) -> bool:
@@ -94,10 +104,7 @@ class TextTemplate:
             and calls[0].name is None
             and chunk.content is None
             and chunk.reasoning is None
-            and chunk.has_choice
-            and chunk.finish_reason is None
-            and chunk.usage is None
-            and chunk.role in (None, "assistant")
+            and _nothing_else(chunk)
         )
 
     @classmethod
@@ -201,13 +208,13 @@ def _function(document: Any) -> Any:
     return choice_delta(document["choices"][0])["tool_calls"][0]["function"]
 
 
-def _only_text(chunk: Chunk) -> bool:
-    """Nothing in the chunk but its text: a choice, no finish, usage, tool calls or new role."""
+def _nothing_else(chunk: Chunk) -> bool:
+    """What every kind a template stands for shares: a choice, and no finish, usage or new
+    role beside the one text (the callers check the delta's texts and tool calls)."""
     return (
         chunk.has_choice
         and chunk.finish_reason is None
         and chunk.usage is None
-        and not chunk.tool_calls
         and chunk.role in (None, "assistant")
     )
 
