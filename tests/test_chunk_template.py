@@ -324,16 +324,27 @@ def test_tool_call_arguments_take_their_own_byte_path() -> None:
     assert reader.arguments_literal(b"data: " + tool_call("a5", 0) + b"\n\n") is None
 
 
-def test_the_responses_dialect_drops_a_closed_calls_fragment_as_its_parsed_path_does() -> None:
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [
+        # the arguments were not whole when the text came: the call stayed open and takes it
+        ("1", ['{"a":', "1", "}"]),
+        # they were whole: the text closed the call, so a later fragment is dropped
+        ("1}", ['{"a":', "1}"]),
+    ],
+)
+def test_the_responses_dialect_treats_a_late_call_fragment_as_its_parsed_path_does(
+    second: str, expected: list[str]
+) -> None:
     start = {"id": "call_0", "type": "function", "name": "f"}
     frames = [
         payload("first"),
         tool_call("", 0, **start),
         tool_call('{"a":', 0),  # parsed: the template is learned from it
         tool_call("", 0),  # an empty fragment: no event
-        tool_call("1", 0),  # a literal for the open call
-        payload("text"),  # closes the call
-        tool_call("}", 0),  # a fragment for a closed call: dropped
+        tool_call(second, 0),  # a literal for the open call
+        payload("text"),  # opens a message item
+        tool_call("}", 0),  # a fragment for the call
         payload("", finish="tool_calls"),
     ]
     body = b"".join(b"data: " + frame + b"\n\n" for frame in frames) + b"data: [DONE]\n\n"
@@ -345,7 +356,7 @@ def test_the_responses_dialect_drops_a_closed_calls_fragment_as_its_parsed_path_
         for block in fast.decode().split("\n\n")
         if block.startswith("event: response.function_call_arguments.delta")
     ]
-    assert deltas == ['{"a":', "1"]
+    assert deltas == expected
 
 
 @pytest.mark.parametrize(
@@ -570,3 +581,29 @@ def test_the_shortcut_takes_whole_text_events_only() -> None:
     assert reader.text_literal(event) is None
     assert [type(e) for e in reader.read(event)] == [TextDelta]
     assert reader.text_literal(event) == b'"w1 "'
+
+
+def test_interleaved_calls_on_the_responses_byte_path_match_the_parsed_path() -> None:
+    frames = [
+        payload("first"),
+        tool_call("", 0, id="call_0", type="function", name="f"),
+        tool_call("", 1, id="call_1", type="function", name="g"),
+        tool_call('{"a":', 0),
+        tool_call('{"b":', 1),
+        tool_call("1", 0),
+        tool_call("2", 1),
+        tool_call("}", 0),
+        tool_call("}", 1),
+        payload("", finish="tool_calls"),
+    ]
+    # one read per event, as paced: the later fragments take the literal path
+    reads = [b"data: " + frame + b"\n\n" for frame in frames] + [b"data: [DONE]\n\n"]
+    slow = _client_bytes(_responses(), reads, templates=False)
+    fast = _client_bytes(_responses(), reads, templates=True, shortcut=True)
+    assert _decoded(fast) == _decoded(slow)
+    done = [
+        json.loads(block.split("\ndata: ")[1])["arguments"]
+        for block in fast.decode().split("\n\n")
+        if block.startswith("event: response.function_call_arguments.done")
+    ]
+    assert done == ['{"a":1}', '{"b":2}']

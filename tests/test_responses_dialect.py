@@ -478,6 +478,86 @@ def test_parallel_tool_calls_become_one_assistant_message() -> None:
     }
 
 
+INTERLEAVED_TOOLS: list[UpstreamEvent] = [
+    chunk(role="assistant", content="Checking both."),
+    chunk(tools=[call(0, id="call_A", name="get_weather", args="")]),
+    chunk(tools=[call(1, id="call_B", name="get_time", args="")]),
+    chunk(tools=[call(0, args='{"city":')]),
+    chunk(tools=[call(1, args='{"tz":')]),
+    chunk(tools=[call(0, args='"Paris"}')]),
+    chunk(tools=[call(1, args='"UTC"}')]),
+    chunk(content="", finish="tool_calls", usage=USAGE),
+    Done(),
+]
+
+
+def test_interleaved_parallel_calls_keep_every_fragment() -> None:
+    d = dialect()
+    raw = run(d, INTERLEAVED_TOOLS)
+    events = frames(raw)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["output_index"], e["arguments"]) for e in done] == [
+        (1, '{"city":"Paris"}'),
+        (2, '{"tz":"UTC"}'),
+    ]
+    deltas = [
+        (e["output_index"], e["delta"])
+        for e in events
+        if e["type"] == "response.function_call_arguments.delta"
+    ]
+    assert deltas == [(1, '{"city":'), (2, '{"tz":'), (1, '"Paris"}'), (2, '"UTC"}')]
+    # both calls stay open until the finish_reason: every delta precedes their done events
+    order = types(events)
+    last_delta = max(i for i, t in enumerate(order) if t.endswith("arguments.delta"))
+    assert last_delta < order.index("response.function_call_arguments.done")
+    assert d.outcome == "completed"
+    calls = [o for o in d.response()["output"] if o["type"] == "function_call"]
+    assert [(c["call_id"], c["arguments"], c["status"]) for c in calls] == [
+        ("call_A", '{"city":"Paris"}', "completed"),
+        ("call_B", '{"tz":"UTC"}', "completed"),
+    ]
+    final = sdk_replay(raw)._completed_response
+    assert final is not None
+    assert [o.arguments for o in final.output if o.type == "function_call"] == [
+        '{"city":"Paris"}',
+        '{"tz":"UTC"}',
+    ]
+
+
+def test_a_call_with_whole_arguments_is_closed_when_the_next_item_opens() -> None:
+    d = dialect()
+    events = frames(run(d, PARALLEL_TOOLS[:5]))
+    order = [(e["type"], e.get("output_index")) for e in events]
+    # the first call's arguments are whole JSON: closed before the second call is added
+    assert order.index(("response.output_item.done", 1)) < order.index(
+        ("response.output_item.added", 2)
+    )
+    # the second one is whole too, but nothing came after it: still open
+    assert ("response.output_item.done", 2) not in order
+
+
+def test_an_incomplete_call_is_closed_incomplete_at_a_length_finish() -> None:
+    d = dialect()
+    events = frames(
+        run(
+            d,
+            [
+                chunk(role="assistant", tools=[call(0, id="c0", name="f", args='{"a":')]),
+                chunk(tools=[call(1, id="c1", name="g", args="{}")]),
+                chunk(content="", finish="length"),
+                Done(),
+            ],
+        )
+    )
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [(e["output_index"], e["item"]["status"]) for e in done] == [
+        (0, "incomplete"),
+        (1, "incomplete"),
+    ]
+    assert events[-1]["type"] == "response.incomplete"
+
+
 def test_text_then_tool_call_closes_the_message_first() -> None:
     events = frames(
         run(

@@ -11,7 +11,8 @@ opaque `encrypted_content` blob.
 
 States: WAITING (nothing sent) -> STREAMING (`response.created` + `response.in_progress` sent
 on the first chunk; output items are opened and closed one after the other: reasoning ->
-message / function calls, one `function_call` item per DeepSeek tool-call index) -> FINISHING
+message / function calls, one `function_call` item per DeepSeek tool-call index; see
+"Parallel tool calls" below) -> FINISHING
 (a finish_reason was seen and every item closed; waiting for `[DONE]` or the end of the body,
 since usage may come in a later chunk) -> ENDED (exactly one terminal event sent; `feed`
 returns b"" from then on). Terminal events: `stop`/`tool_calls` -> `response.completed`;
@@ -26,6 +27,14 @@ so `response.failed` after it would be unreachable, and a stream would carry two
 events. `response.failed` alone is one terminal event, every SDK version parses it (its data
 has a "response" key, no top-level "error"), it carries `response.error {code, message}`, and
 `get_final_response()` still raises because no `response.completed` came.
+
+Parallel tool calls: DeepSeek sends each call's fragments in one run, and the Responses wire
+format (like OpenAI's own streams) closes a call's item before the next item opens. But an
+upstream may interleave the fragments of parallel calls, and a closed item cannot take more
+arguments. So a new item closes an open call only if the call's arguments so far are a whole
+JSON value (no valid fragment can follow it); a call still incomplete stays open, takes its
+later fragments by its `output_index`, and is closed at the finish_reason. Sequential calls
+keep the usual order; interleaved ones lose nothing.
 
 Plain text, thinking and tool-call arguments chunks may also come as JSON string literals
 (`feed_text`, `feed_reasoning`, `feed_arguments`, or `TextDelta` / `ReasoningDelta` /
@@ -90,6 +99,14 @@ class _State(enum.Enum):
     STREAMING = 1
     FINISHING = 2
     ENDED = 3
+
+
+def _whole_json(text: str) -> bool:
+    try:
+        jsonutil.loads(text)
+    except jsonutil.JSONDecodeError:
+        return False
+    return True
 
 
 def _int(value: Any) -> int:
@@ -220,6 +237,7 @@ class ResponsesDialect:
         "_items",
         "_model",
         "_open",
+        "_open_calls",
         "_outcome",
         "_seal",
         "_seq",
@@ -245,7 +263,8 @@ class ResponsesDialect:
         self._state = _State.WAITING
         self._seq = 0
         self._items: list[_Item] = []
-        self._open: _Item | None = None  # at most one item is open at a time
+        self._open: _Item | None = None  # the open reasoning or message item, if any
+        self._open_calls: list[_Item] = []  # open function_call items, in output order
         self._calls: dict[int, _Item] = {}  # DeepSeek tool-call index -> its item
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -373,16 +392,19 @@ class ResponsesDialect:
         finish = chunk.finish_reason
         if finish is not None:
             complete = finish in ("stop", "tool_calls")
-            out += self._close(status="completed" if complete else "incomplete")
+            out += self._close_all(status="completed" if complete else "incomplete")
             self._finish = finish
             self._state = _State.FINISHING
         return out
 
     def _open_item(self, kind: str, prefix: str) -> tuple[_Item, bytes]:
-        out = self._close()
+        out = self._close_text() + self._close_whole_calls()
         item = _Item(kind, len(self._items), new_id(prefix))
         self._items.append(item)
-        self._open = item
+        if kind == "function_call":
+            self._open_calls.append(item)
+        else:
+            self._open = item
         return item, out
 
     def _text(self, kind: str, delta: str) -> bytes:
@@ -427,7 +449,7 @@ class ResponsesDialect:
         if self._state is not _State.STREAMING:
             return b""
         item = self._calls.get(index)
-        if item is None or item is not self._open or literal == b'""':
+        if item is None or item.status != "in_progress" or literal == b'""':
             # A new or closed call, or nothing to add: the parsed path's own handling.
             return self._tool_call(ToolCallDelta(index, None, None, jsonutil.loads(literal)))
         return self._delta(item, literal)
@@ -460,9 +482,9 @@ class ResponsesDialect:
                 "response.output_item.added",
                 {"output_index": item.index, "item": item.to_json(announce=True)},
             )
-        elif item is not self._open:
-            # DeepSeek sends each call's fragments in one run; a fragment for a call that is
-            # already closed cannot be streamed any more, so it is dropped (and logged).
+        elif item.status != "in_progress":
+            # Closed only once its arguments were a whole JSON value, after which no fragment
+            # can be valid; its `*.done` events are out, so this one can only be logged.
             log.warning("dropped a tool-call fragment for closed call index %d", delta.index)
             return b""
         if not item.name and delta.name:
@@ -479,16 +501,37 @@ class ResponsesDialect:
     def _where(item: _Item) -> dict[str, Any]:
         return {"item_id": item.id, "output_index": item.index, "content_index": 0}
 
-    def _close(self, status: str = "completed") -> bytes:
-        """Close the open item: its `*.done` events, then `output_item.done`."""
+    def _close_all(self, status: str) -> bytes:
+        """Close every open item, in output order (at the finish_reason)."""
+        out = self._close_text(status)
+        calls, self._open_calls = self._open_calls, []
+        return out + b"".join([self._close(item, status) for item in calls])
+
+    def _close_text(self, status: str = "completed") -> bytes:
         item = self._open
         if item is None:
             return b""
+        out = self._close(item, status)
+        self._open = None
+        return out
+
+    def _close_whole_calls(self) -> bytes:
+        """Close the open calls whose arguments are a whole JSON value (see the docstring)."""
+        calls = self._open_calls
+        if not calls:
+            return b""
+        whole = [item for item in calls if _whole_json(item.text)]
+        if not whole:
+            return b""
+        self._open_calls = [item for item in calls if item not in whole]
+        return b"".join([self._close(item, "completed") for item in whole])
+
+    def _close(self, item: _Item, status: str) -> bytes:
+        """Close `item`: its `*.done` events, then `output_item.done`."""
         if item.kind == "reasoning" and self._seal is not None:
             # The one step here that can fail, so it comes before any change: a splice tap
             # that raises has its read declined and fed again by the reader (see `_literal`).
             item.encrypted = self._seal(item.text)
-        self._open = None
         item.status = status
         out = b""
         if item.kind == "function_call":
@@ -531,6 +574,7 @@ class ResponsesDialect:
             if item.status == "in_progress":
                 item.status = "incomplete"
         self._open = None
+        self._open_calls = []
         self._error = {"code": "server_error", "message": message}
         return self._end("failed", "response.failed", outcome)
 
