@@ -149,6 +149,15 @@ def test_models_lists_the_exposed_names(served_gateway: str) -> None:
     assert "deepseek-chat" in ids
 
 
+def test_models_retrieve_finds_an_exposed_name_and_404s_another(served_gateway: str) -> None:
+    with sdk(served_gateway) as client:
+        model = client.models.retrieve("gpt-4.1-compatible")
+        assert (model.id, model.object, model.owned_by) == ("gpt-4.1-compatible", "model", "ds2oai")
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+
+
 async def test_async_client_streams(served_gateway: str) -> None:
     async with openai.AsyncOpenAI(
         base_url=f"{served_gateway}/openai/v1", api_key=CLIENT_KEY, max_retries=0

@@ -118,6 +118,15 @@ async def test_models_and_stored_responses_need_a_key_and_stay_with_it(
         assert resp.status == 401
     async with client.get(server.make_url("/v1/models"), headers=b) as resp:
         assert [m["id"] for m in (await resp.json())["data"]] == ["deepseek-chat"]
+    async with client.get(server.make_url("/v1/models/deepseek-chat")) as resp:
+        assert resp.status == 401
+    async with client.get(server.make_url("/v1/models/deepseek-chat"), headers=b) as resp:
+        assert (await resp.json())["id"] == "deepseek-chat"
+    async with client.get(server.make_url("/v1/models/deepseek-reasoner"), headers=a) as resp:
+        assert (await resp.json())["id"] == "deepseek-reasoner"
+    async with client.get(server.make_url("/v1/models/deepseek-reasoner"), headers=b) as resp:
+        assert resp.status == 404  # not this key's: as if it did not exist
+        assert (await resp.json())["error"]["code"] == "model_not_found"
     async with client.post(
         server.make_url("/v1/responses"), json={"input": "hi"}, headers=a
     ) as resp:

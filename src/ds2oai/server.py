@@ -587,15 +587,34 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=_dumps)
 
 
-async def models(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+def _visible_models(request: web.Request) -> list[dict[str, Any]]:
+    """The exposed model names the caller may use, as OpenAI's Model objects."""
     _, allowed = _caller(request)
-    data = [
+    return [
         {"id": name, "object": "model", "created": 0, "owned_by": "ds2oai"}
-        for name in config.models.exposed_names()
+        for name in request.app[CONFIG].models.exposed_names()
         if not allowed or name in allowed
     ]
-    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+async def models(request: web.Request) -> web.Response:
+    body = {"object": "list", "data": _visible_models(request)}
+    return web.json_response(body, dumps=_dumps)
+
+
+async def model_get(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    for model in _visible_models(request):
+        if model["id"] == name:
+            return web.json_response(model, dumps=_dumps)
+    # As OpenAI answers an unknown model, also for one this key may not use.
+    raise ClientError(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        f"The model '{name}' does not exist or you do not have access to it.",
+        param="model",
+    )
 
 
 def _dumps(obj: Any) -> str:
@@ -681,9 +700,10 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/openai/v1/models", models)
     for prefix in ("/v1", "/openai/v1"):
+        app.router.add_get(f"{prefix}/models", models)
+        # `.+`: an exposed name may hold a slash ("team/chat")
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", model_get)
         app.router.add_post(f"{prefix}/responses", responses_create)
         app.router.add_get(f"{prefix}/responses/{{response_id}}", responses_get)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", responses_delete)
