@@ -524,6 +524,7 @@ async def test_retry_retries_retryable_statuses_up_to_max_retries(status: int) -
     assert rig.sleep.delays == [0.25, 0.5]  # rand 0.5 * 0.5 * 2**n
     # every discarded reply was closed; the one returned is still readable
     assert await closed_flags(upstream) == [True, True, False]
+    assert reply.retried  # so the client is told not to retry on top
 
 
 async def test_retry_returns_the_first_good_reply() -> None:
@@ -559,8 +560,19 @@ async def test_retry_does_not_retry_other_statuses(status: int) -> None:
 async def test_retry_with_zero_max_retries_makes_one_attempt() -> None:
     rig = RetryRig(max_retries=0)
     upstream = ScriptedUpstream(503, 200)
-    assert (await rig(upstream)).status == 503
+    reply = await rig(upstream)
+    assert reply.status == 503
     assert len(upstream.exchanges) == 1
+    assert not reply.retried  # the client's own retries are the only ones
+
+
+async def test_a_connect_error_says_whether_the_gateway_retried() -> None:
+    with pytest.raises(UpstreamConnectError) as once:
+        await RetryRig(max_retries=0)(ScriptedUpstream("connect"))
+    assert not once.value.retried
+    with pytest.raises(UpstreamConnectError) as again:
+        await RetryRig(max_retries=1)(ScriptedUpstream("connect"))
+    assert again.value.retried
 
 
 async def test_retry_retries_connect_errors_then_succeeds() -> None:

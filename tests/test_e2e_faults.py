@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from tests.conftest import GatewayFactory, free_port
@@ -346,6 +347,24 @@ async def test_5xx_then_ok_is_retried_transparently(
     _, events = await stream(client, server.make_url("/v1/chat/completions"))
     assert spec_text(events) == "Hello world"
     assert len(fault_upstream.requests) == 2
+
+
+@pytest.mark.parametrize(("gateway_retries", "sdk_requests"), [(1, 1), (0, 2)])
+async def test_the_openai_sdk_does_not_retry_what_the_gateway_already_retried(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, gateway_retries: int, sdk_requests: int
+) -> None:
+    # Without `x-should-retry: false` the SDK's retries would multiply the gateway's: with
+    # both at their defaults (2), one call made 9 upstream attempts.
+    fault_upstream.queue(*[json_response(500, {"error": {"message": "boom"}})] * 4)
+    server = await gateway(fault_upstream.url, retry={"max_retries": gateway_retries})
+    base_url = str(server.make_url("/openai/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=1) as sdk:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await sdk.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "hi"}]
+            )
+    assert caught.value.code == "upstream_status_500"
+    assert len(fault_upstream.requests) == sdk_requests * (gateway_retries + 1)
 
 
 async def test_429_with_retry_after_is_honoured_then_succeeds(

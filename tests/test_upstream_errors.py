@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from ds2oai.errors import ClientError
+from ds2oai.errors import ClientError, UpstreamConnectError
 from ds2oai.upstream_errors import (
     MAX_MESSAGE,
     broken_error,
+    client_error_for,
     error_from_upstream,
     retry_after_value,
     sanitize_message,
@@ -83,6 +84,8 @@ def test_429_retry_after_seconds_is_passed_on() -> None:
 def test_429_retry_after_zero_still_asks_for_one_second() -> None:
     error = error_from_upstream(429, {"retry-after": "0"}, b"")
     assert error.headers["Retry-After"] == "1"
+    # no `retry-after-ms: 0`, which the openai SDKs discard for their own backoff
+    assert "retry-after-ms" not in error.headers
 
 
 def test_429_retry_after_ms_is_used_and_rounded_up() -> None:
@@ -202,6 +205,29 @@ def test_5xx_with_empty_body_has_a_message_naming_the_status() -> None:
     error = error_from_upstream(500, {}, b"")
     assert error.code == "upstream_status_500"
     assert "500" in error.message
+
+
+def test_5xx_after_the_gateway_retried_tells_the_client_not_to_retry() -> None:
+    error = error_from_upstream(503, {"retry-after": "2"}, b"", retried=True)
+    assert error.headers == {"x-should-retry": "false"}
+
+
+def test_5xx_not_retried_passes_the_upstreams_retry_after_on() -> None:
+    error = error_from_upstream(503, {"retry-after": "2"}, b"")
+    assert error.headers == {"Retry-After": "2", "retry-after-ms": "2000"}
+    assert error_from_upstream(500, {}, b"").headers == {}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_auth_failure_tells_the_client_not_to_retry(status: int) -> None:
+    assert error_from_upstream(status, {}, b"").headers["x-should-retry"] == "false"
+
+
+def test_connect_failure_after_retries_tells_the_client_not_to_retry() -> None:
+    exc = UpstreamConnectError("refused")
+    assert "x-should-retry" not in client_error_for(exc).headers
+    exc.retried = True
+    assert client_error_for(exc).headers["x-should-retry"] == "false"
 
 
 def test_404_is_502_upstream_status_404() -> None:

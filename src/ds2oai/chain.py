@@ -196,12 +196,15 @@ class Reply:
     `from_upstream` marks the upstream's own answer, untranslated (raw bytes, lower-cased header
     names). Stages pass a non-200 one through untouched so `retry` and `rate_limit` can act on
     its status wherever they sit; the error boundary translates whatever is left (SPEC §4).
+    `retried`: the gateway already retried the request and gave up on this answer, so the
+    client is told not to retry it again (`x-should-retry: false`).
     """
 
     status: int
     headers: Mapping[str, str]
     body: bytes | Body
     from_upstream: bool = False
+    retried: bool = False
 
     @classmethod
     def json(cls, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> Reply:

@@ -74,12 +74,14 @@ class ClientError(GatewayError):
 class UpstreamConnectError(GatewayError):
     """No usable upstream response: DNS, refused, reset before headers, TLS.
 
-    `retryable` is false when trying again cannot help (the gateway is shutting down).
+    `retryable` is false when trying again cannot help (the gateway is shutting down);
+    `retried` is set by the retry stage when it gave up after trying again itself.
     """
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retried = False
 
 
 class UpstreamTimeoutError(GatewayError):

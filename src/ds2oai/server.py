@@ -341,6 +341,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             raw,
             secrets=(config.upstream.api_key,),
             default_retry_after=config.rate_limit.default_retry_after,
+            retried=reply.retried,
         )
     headers = {**reply.headers, "X-Request-Id": exchange.request_id}
     if isinstance(reply.body, bytes):

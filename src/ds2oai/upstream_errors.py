@@ -84,8 +84,12 @@ def error_from_upstream(
     *,
     secrets: tuple[str, ...] = (),
     default_retry_after: float = 1.0,
+    retried: bool = False,
 ) -> ClientError:
-    """The SPEC §4 row for an upstream answer with `status` that is not a usable stream."""
+    """The SPEC §4 row for an upstream answer with `status` that is not a usable stream.
+
+    `retried`: the gateway gave up on it after retrying; a 502 then says `x-should-retry:
+    false` (a 429 keeps its `Retry-After`, which already paces the client)."""
     code, message, _is_json = upstream_error_fields(body)
     clean = sanitize_message(message, secrets) if message else None
     if status in (401, 403):
@@ -94,16 +98,16 @@ def error_from_upstream(
             "upstream_connection_error",
             "upstream_auth",
             "The upstream rejected the gateway's credentials",
+            headers=_NO_RETRY,  # a configuration error: trying again cannot help
         )
     if status == 429:
         retry_after = retry_after_value(headers, default_retry_after)
-        seconds = max(1, round(retry_after + 0.499))  # Retry-After takes whole seconds, round up
         return ClientError(
             429,
             "rate_limit_error",
             "rate_limit",
             clean or "The upstream rate limit was reached",
-            headers={"Retry-After": str(seconds), "retry-after-ms": str(int(retry_after * 1000))},
+            headers=_retry_after_headers(retry_after),
         )
     if status == 402:
         return ClientError(
@@ -127,12 +131,30 @@ def error_from_upstream(
             "upstream_status_404",
             clean or "The upstream has no such endpoint",
         )
+    if retried:
+        hints: Mapping[str, str] = _NO_RETRY
+    else:  # the upstream's own hint of when to come back (a 503's Retry-After), if it gave one
+        hinted = retry_after_value(headers, -1.0)
+        hints = _retry_after_headers(hinted) if hinted >= 0 else {}
     return ClientError(
         502,
         "upstream_connection_error",
         f"upstream_status_{status}",
         clean or f"The upstream answered HTTP {status}",
+        headers=hints,
     )
+
+
+_NO_RETRY: Mapping[str, str] = {"x-should-retry": "false"}
+
+
+def _retry_after_headers(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds (rounded up, at least 1) and, when above zero, the exact
+    `retry-after-ms` the openai SDKs prefer (they ignore 0 and fall back to their backoff)."""
+    headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
+    if seconds > 0:
+        headers["retry-after-ms"] = str(max(1, round(seconds * 1000)))
+    return headers
 
 
 def retry_after_value(headers: Mapping[str, str], default: float) -> float:
@@ -181,7 +203,10 @@ def client_error_for(exc: GatewayError) -> ClientError:
     if isinstance(exc, ClientError):
         return exc
     if isinstance(exc, UpstreamConnectError):
-        return ClientError(502, "upstream_connection_error", "connect_failed", str(exc))
+        headers = _NO_RETRY if exc.retried else None
+        return ClientError(
+            502, "upstream_connection_error", "connect_failed", str(exc), headers=headers
+        )
     if isinstance(exc, UpstreamTimeoutError):
         return ClientError(504, "upstream_connection_error", "upstream_timeout", str(exc))
     if isinstance(exc, UpstreamStreamError):

@@ -8,7 +8,9 @@ exponential backoff and full jitter (`uniform(0, min(max_delay, base_delay * 2**
 `reframe`: it only ever sees replies whose body nobody has read, so it cannot duplicate text.
 A process-wide retry budget (`[balancer] retry_budget_ratio`, `retry_budget_min`) caps retries
 at a fraction of recent requests, so a failing upstream is not hammered by retry storms.
-Fails: when out of attempts, time or budget it returns the last reply / raises the last error.
+Fails: when out of attempts, time or budget it returns the last reply / raises the last error,
+marked `retried` if it had tried again (the client is then told not to retry on top of it: a
+client's retries would multiply the upstream attempts).
 """
 
 from __future__ import annotations
@@ -84,22 +86,29 @@ class Retry:
             try:
                 reply = await call_next(current)
             except UpstreamConnectError as exc:
+                exc.retried = attempt > 0
                 if not exc.retryable or attempt >= c.max_retries:
                     raise
                 delay = self.backoff(attempt)
                 if self._clock() + delay > deadline or not self._may_retry():
                     raise
             else:
-                if reply.status not in RETRYABLE_STATUSES or attempt >= c.max_retries:
+                if reply.status not in RETRYABLE_STATUSES:
                     return reply
+                if attempt >= c.max_retries:
+                    return _given_up(reply, attempt)
                 delay = self.backoff(attempt)
                 hinted = retry_after_value(reply.headers, -1.0)
                 if hinted >= 0:
                     if hinted > c.retry_after_cap:
-                        return reply  # the upstream asks for longer than we may wait
+                        return _given_up(reply, attempt)  # asks for longer than we may wait
                     delay = hinted
                 if self._clock() + delay > deadline or not self._may_retry():
-                    return reply
+                    return _given_up(reply, attempt)
                 await reply.aclose()
             attempt += 1
             await self._sleep(delay)
+
+
+def _given_up(reply: Reply, attempt: int) -> Reply:
+    return dataclasses.replace(reply, retried=True) if attempt > 0 else reply
