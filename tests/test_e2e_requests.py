@@ -124,3 +124,29 @@ async def test_right_client_key_passes_and_is_not_forwarded(
         assert resp.status == 200
         assert spec_text(await read_events(resp)) == "Hello world"
     assert fault_upstream.requests[0].headers["authorization"] == "Bearer sk-gateway"
+
+
+@pytest.mark.parametrize(
+    ("fields", "sent"),
+    [
+        ({"max_completion_tokens": 64}, {"max_tokens": 64}),
+        ({"max_completion_tokens": 64, "max_tokens": 32}, {"max_tokens": 32}),
+        ({"max_completion_tokens": None}, {}),
+        ({"max_tokens": 16, "temperature": 0.2}, {"max_tokens": 16, "temperature": 0.2}),
+    ],
+)
+async def test_max_completion_tokens_reaches_deepseek_as_max_tokens(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    fields: dict[str, Any],
+    sent: dict[str, Any],
+) -> None:
+    server = await gateway(fault_upstream.url)
+    body = {"messages": [], "stream": True, **fields}
+    async with client.post(server.make_url("/openai/v1/chat/completions"), json=body) as resp:
+        assert resp.status == 200
+        await resp.read()
+    upstream = fault_upstream.requests[0].json
+    assert "max_completion_tokens" not in upstream
+    assert {k: upstream[k] for k in ("max_tokens", "temperature") if k in upstream} == sent

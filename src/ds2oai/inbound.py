@@ -4,6 +4,9 @@
 `messages` list, a boolean `stream`, a string `model`) and builds the upstream body: every
 field the client sent except those the gateway consumes itself, the model mapped through the
 alias table, `stream: true` (streaming and non-streaming answers share the upstream stream).
+OpenAI's newer `max_completion_tokens` becomes DeepSeek's `max_tokens` (which DeepSeek reads;
+it would ignore the other name, and the answer would silently have no limit) unless the
+client also sent `max_tokens`, which then wins.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ds2oai.errors import ClientError
 __all__ = ["ChatRequest", "chat_request", "parse_json_body"]
 
 # Fields the gateway consumes or sets itself; everything else goes upstream untouched.
-_CONSUMED = frozenset({"model", "stream"})
+_CONSUMED = frozenset({"model", "stream", "max_completion_tokens"})
 
 
 def _invalid(code: str, message: str, param: str | None = None) -> ClientError:
@@ -85,6 +88,9 @@ def chat_request(body: Mapping[str, Any], models: ModelsConfig) -> ChatRequest:
         raise _invalid("invalid_model", "'model' must be a string", "model")
     exposed = model or models.default
     upstream: dict[str, Any] = {k: v for k, v in body.items() if k not in _CONSUMED}
+    limit = body.get("max_completion_tokens")
+    if limit is not None and upstream.get("max_tokens") is None:
+        upstream["max_tokens"] = limit
     upstream["model"] = models.upstream_name(model or None)
     upstream["stream"] = True
     return ChatRequest(stream=stream, exposed_model=exposed, upstream_body=upstream)
