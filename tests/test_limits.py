@@ -17,13 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
-from prometheus_client import REGISTRY
 
 from ds2oai.chain import Body, Exchange, Reply, Trace, build_middleware
 from ds2oai.config import Config, config_from_mapping, load_config
 from ds2oai.errors import ClientError, ConfigError
 from ds2oai.limits import Decision, KeyRule, LimiterError, MemoryLimiter, open_limiter
 from ds2oai.limits.redis import RedisLimiter
+from ds2oai.metrics import REGISTRY
 from ds2oai.middleware import BUILTINS, BearerAuth, KeyLimits
 from ds2oai.middleware.auth import key_id
 from ds2oai.middleware.limits import ANONYMOUS, openai_duration

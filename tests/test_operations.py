@@ -23,7 +23,7 @@ async def scrape(client: aiohttp.ClientSession, url: object) -> Samples:
         text = await resp.text()
     samples = {}
     for family in text_string_to_metric_families(text):
-        assert family.name.startswith("ds2oai_") or not family.name.startswith("ds2oai")
+        assert family.name.startswith("ds2oai_"), family.name  # SPEC §6: every name
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
@@ -64,6 +64,7 @@ async def test_metrics_count_requests_streams_attempts_tokens_and_ttft(
     assert delta(before, after, "ds2oai_gateway_added_latency_seconds_count") == 1
     assert delta(before, after, "ds2oai_middleware_seconds_count", middleware="retry") == 1
     assert value(after, "ds2oai_streams_in_flight") == 0
+    assert value(after, "ds2oai_process_resident_memory_bytes") > 0  # prefixed like the rest
 
 
 @pytest.mark.parametrize("bad", [-10, "5", 5.5, True, None])

@@ -1,8 +1,10 @@
 """Prometheus metrics, every name prefixed `ds2oai_`.
 
-Module-level collectors in prometheus-client's default registry; `render()` serves them. With
-`--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before the workers start and `render()`
-aggregates every process's files, so one scrape of any worker sees the whole gateway.
+Module-level collectors in this module's own `REGISTRY`, so that `/metrics` holds only `ds2oai_`
+names (prometheus-client's default registry adds `python_gc_*`, `python_info` and `process_*`):
+the process's CPU, memory and open files are here as `ds2oai_process_*`. `render()` serves
+them. With `--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before the workers start and
+`render()` aggregates every process's files, so one scrape of any worker sees the whole gateway.
 Recording functions are small and never raise; nothing here touches requests or responses.
 
 The per-request series go through `inc()` and `observe()`, which only add to this process's
@@ -27,6 +29,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
@@ -41,6 +44,7 @@ __all__ = [
     "LIMITS_REFUSED",
     "MIDDLEWARE_SECONDS",
     "QUEUE_WAIT",
+    "REGISTRY",
     "REQUESTS",
     "RESUMES",
     "RETRY_BUDGET_EXHAUSTED",
@@ -59,52 +63,75 @@ log = logging.getLogger("ds2oai.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+REGISTRY = CollectorRegistry()
+ProcessCollector(namespace="ds2oai", registry=REGISTRY)
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-REQUESTS = Counter("ds2oai_requests", "HTTP requests by route and status", ["route", "status"])
+REQUESTS = Counter(
+    "ds2oai_requests", "HTTP requests by route and status", ["route", "status"], registry=REGISTRY
+)
 STREAMS = Counter(
-    "ds2oai_streams", "Finished answers by dialect and outcome", ["dialect", "outcome"]
+    "ds2oai_streams",
+    "Finished answers by dialect and outcome",
+    ["dialect", "outcome"],
+    registry=REGISTRY,
 )
 ATTEMPTS = Counter(
     "ds2oai_upstream_attempts",
     "Upstream attempts by HTTP status (or connect_error / timeout)",
     ["status"],
+    registry=REGISTRY,
 )
 TTFT = Histogram(
     "ds2oai_time_to_first_token_seconds",
     "Request start to the first upstream token",
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 ADDED_LATENCY = Histogram(
     "ds2oai_gateway_added_latency_seconds",
     "The upstream's first token arriving -> the same token written to the client",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+    registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(
     "ds2oai_upstream_queue_wait_seconds",
     "Time the upstream kept the request queued (first keep-alive comment to first chunk)",
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
-TOKENS = Counter("ds2oai_tokens", "Tokens by model and direction (in/out)", ["model", "direction"])
+TOKENS = Counter(
+    "ds2oai_tokens",
+    "Tokens by model and direction (in/out)",
+    ["model", "direction"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
-    "ds2oai_streams_in_flight", "Answers being streamed now", multiprocess_mode="livesum"
+    "ds2oai_streams_in_flight",
+    "Answers being streamed now",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
 )
 MIDDLEWARE_SECONDS = Histogram(
     "ds2oai_middleware_seconds",
     "Time from entering a middleware until it returns its reply (inner stages included)",
     ["middleware"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+    registry=REGISTRY,
 )
 
 LIMITS_REFUSED = Counter(
     "ds2oai_limits_refused",
     "Requests refused by per-key limits, by key id (a hash) and limit (requests/tokens/streams)",
     ["key_id", "limit"],
+    registry=REGISTRY,
 )
 LIMITS_BACKEND_ERRORS = Counter(
     "ds2oai_limits_backend_errors",
     "Failed calls to the per-key limits backend (Redis), by operation and on_redis_error policy",
     ["operation", "policy"],
+    registry=REGISTRY,
 )
 
 
@@ -112,6 +139,7 @@ RESUMES = Counter(
     "ds2oai_resumes",
     "Broken streams continued with chat prefix completion, by final outcome",
     ["outcome"],
+    registry=REGISTRY,
 )
 
 
@@ -119,12 +147,14 @@ SELECTED = Counter(
     "ds2oai_upstream_selected",
     "Requests sent to each upstream of the pool, by result (HTTP status, connect_error, timeout)",
     ["upstream", "result"],
+    registry=REGISTRY,
 )
 
 
 RETRY_BUDGET_EXHAUSTED = Counter(
     "ds2oai_retry_budget_exhausted",
     "Retries not made because the retry budget was used up",
+    registry=REGISTRY,
 )
 
 
@@ -209,4 +239,4 @@ def render() -> bytes:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
-    return generate_latest()
+    return generate_latest(REGISTRY)
