@@ -213,6 +213,36 @@ async def test_keepalives_stop_once_the_answer_started(
     assert spec_text(parse_events(raw)) == "ab"
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/models"),
+        ("GET", "/openai/v1/models/deepseek-chat"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/responses/resp_none"),  # a 404 error body
+    ],
+)
+async def test_every_answer_returns_the_request_id(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    method: str,
+    path: str,
+) -> None:
+    server = await gateway(fault_upstream.url)
+    body = {"messages": [], "stream": True} if method == "POST" else None
+    given = {"X-Request-Id": "ops-rid-7"}
+    async with client.request(method, server.make_url(path), json=body, headers=given) as resp:
+        await resp.read()
+        assert resp.headers["X-Request-Id"] == "ops-rid-7"
+    async with client.request(method, server.make_url(path), json=body) as resp:
+        await resp.read()
+        assert len(resp.headers["X-Request-Id"]) == 32  # made when none came
+
+
 async def test_readyz_reflects_upstream_reachability(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

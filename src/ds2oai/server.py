@@ -122,6 +122,8 @@ async def error_boundary(
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:  # a streamed answer set it before its head went out
+            response.headers.setdefault("X-Request-Id", request_id)
         return response
     except GatewayError as exc:
         error = client_error_for(exc)
