@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from typing import Any
 
@@ -282,6 +284,42 @@ async def test_connection_refused_is_502_connect_failed(
     assert status == 502
     assert error["type"] == "upstream_connection_error"
     assert error["code"] == "connect_failed"
+
+
+async def test_no_connection_within_connect_timeout_is_504_upstream_timeout(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    # neither succeeds nor is refused.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(2)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            server = await gateway(
+                f"http://127.0.0.1:{port}",
+                upstream={"connect_timeout": 0.3},
+                retry={"max_retries": 1},
+            )
+            started = time.monotonic()
+            status, error, resp = await error_of(client, server.make_url("/v1/chat/completions"))
+            elapsed = time.monotonic() - started
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert (status, error["type"], error["code"]) == (
+        504,
+        "upstream_connection_error",
+        "upstream_timeout",
+    )
+    assert "0.3 s" in error["message"]
+    assert resp.headers["x-should-retry"] == "false"  # the gateway tried twice itself
+    assert 0.6 <= elapsed < 3.0  # two attempts of 0.3 s, and no hang
 
 
 async def test_reset_before_response_is_502_connect_failed(

@@ -75,12 +75,15 @@ class UpstreamConnectError(GatewayError):
     """No usable upstream response: DNS, refused, reset before headers, TLS.
 
     `retryable` is false when trying again cannot help (the gateway is shutting down);
+    `timeout` is true when the connection was not made within `upstream.connect_timeout` (still
+    retried like any connect error, but answered as a timeout: SPEC §4's 504);
     `retried` is set by the retry stage when it gave up after trying again itself.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, timeout: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.timeout = timeout
         self.retried = False
 
 

@@ -232,7 +232,11 @@ class UpstreamClient:
             )
         except http1.ConnectTimeout:
             inc(child(ATTEMPTS, "connect_error"))
-            raise UpstreamConnectError("Timed out connecting to the upstream") from None
+            raise UpstreamConnectError(
+                f"Timed out connecting to the upstream (no connection within "
+                f"{self._connect_timeout:g} s)",
+                timeout=True,
+            ) from None
         except http1.ReadTimeout:
             inc(child(ATTEMPTS, "timeout"))
             raise UpstreamTimeoutError(

@@ -204,9 +204,8 @@ def client_error_for(exc: GatewayError) -> ClientError:
         return exc
     if isinstance(exc, UpstreamConnectError):
         headers = _NO_RETRY if exc.retried else None
-        return ClientError(
-            502, "upstream_connection_error", "connect_failed", str(exc), headers=headers
-        )
+        status, code = (504, "upstream_timeout") if exc.timeout else (502, "connect_failed")
+        return ClientError(status, "upstream_connection_error", code, str(exc), headers=headers)
     if isinstance(exc, UpstreamTimeoutError):
         return ClientError(504, "upstream_connection_error", "upstream_timeout", str(exc))
     if isinstance(exc, UpstreamStreamError):
