@@ -181,6 +181,13 @@ def test_client_errors_without_upstream_code_get_a_code(status: int) -> None:
     assert error.message == "bad"
 
 
+def test_client_errors_keep_the_upstreams_param() -> None:
+    body = json.dumps({"error": {"message": "bad", "code": "x", "param": "temperature"}})
+    assert error_from_upstream(400, {}, body.encode()).param == "temperature"
+    assert error_from_upstream(422, {}, ds_error("bad")).param is None
+    assert error_from_upstream(400, {}, b"not json").param is None
+
+
 def test_422_with_non_json_body_keeps_the_text() -> None:
     error = error_from_upstream(422, {}, b"unprocessable entity")
     assert triple(error) == (422, "invalid_request_error", "invalid_request_error")

@@ -123,6 +123,7 @@ def error_from_upstream(
             "invalid_request_error",
             code or "invalid_request_error",
             clean or "The upstream rejected the request",
+            param=_upstream_param(body, secrets),
         )
     if status == 404:
         return ClientError(
@@ -155,6 +156,17 @@ def _retry_after_headers(seconds: float) -> dict[str, str]:
     if seconds > 0:
         headers["retry-after-ms"] = str(max(1, round(seconds * 1000)))
     return headers
+
+
+def _upstream_param(body: bytes, secrets: tuple[str, ...]) -> str | None:
+    """The request field an upstream 400/422 names (`error.param`), if it names one."""
+    try:
+        obj: Any = jsonutil.loads(body.strip() or b"null")
+    except jsonutil.JSONDecodeError:
+        return None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return sanitize_message(param, secrets)[:100] if isinstance(param, str) and param else None
 
 
 def retry_after_value(headers: Mapping[str, str], default: float) -> float:
