@@ -338,3 +338,14 @@ def test_repr_never_shows_the_upstream_key_or_client_keys(tmp_path: Path) -> Non
         assert "second-client-key-XYZ" not in text
     assert UPSTREAM_KEY not in repr(config.upstream.api_key)
     assert CLIENT_KEY not in repr(config.auth.api_keys)
+
+
+def test_upstream_secrets_hold_every_upstream_key(tmp_path: Path) -> None:
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        '[pool.a]\nbase_url = "http://127.0.0.1:1"\n'
+        '[pool.b]\nbase_url = "http://127.0.0.1:2"\nkey_env = "B_KEY"\n'
+        '[pool.c]\nbase_url = "http://127.0.0.1:3"\nkey_env = "UNSET_KEY"\n'
+    )
+    config = load_config(path, {"DEEPSEEK_API_KEY": "main-key", "B_KEY": "b-key"})
+    assert config.upstream_secrets() == ("main-key", "b-key")  # once each, none empty

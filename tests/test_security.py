@@ -152,3 +152,46 @@ async def test_models_and_stored_responses_need_a_key_and_stay_with_it(
         assert resp.status == 400
     async with client.delete(url, headers=a) as resp:
         assert resp.status == 200
+
+
+PLAIN_KEY = "plainTokenNotKeyLike42"  # nothing key-like about it: only the gateway knows
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/openai/v1/chat/completions", "/openai/v1/responses"]
+)
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("status", [400, 422])
+async def test_an_upstream_echoing_the_key_in_its_error_code_leaks_nothing(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    path: str,
+    stream: bool,
+    status: int,
+) -> None:
+    code = f"c\x1b[2J\r\nInjected: {PLAIN_KEY} " + "x" * 3000
+    fault_upstream.queue(json_response(status, {"error": {"message": PLAIN_KEY, "code": code}}))
+    server = await gateway(fault_upstream.url, api_key=PLAIN_KEY)
+    body = {"messages": [{"role": "user", "content": "hi"}], "input": "hi", "stream": stream}
+    async with client.post(server.make_url(path), json=body) as resp:
+        assert resp.status == status
+        error = (await resp.json())["error"]
+    assert PLAIN_KEY not in str(error)
+    assert len(error["code"]) <= 100
+    assert "\x1b" not in error["code"]
+    assert "\n" not in error["code"]
+
+
+async def test_a_non_string_error_code_is_no_code(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    nested = {"nested": PLAIN_KEY}
+    fault_upstream.queue(json_response(400, {"error": {"message": "bad", "code": nested}}))
+    server = await gateway(fault_upstream.url, api_key=PLAIN_KEY)
+    async with client.post(
+        server.make_url("/v1/chat/completions"), json={"messages": [], "stream": True}
+    ) as resp:
+        error = (await resp.json())["error"]
+    assert error["code"] == "invalid_request_error"
+    assert PLAIN_KEY not in str(error)

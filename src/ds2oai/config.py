@@ -241,6 +241,12 @@ class Config:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
+    def upstream_secrets(self) -> tuple[str, ...]:
+        """Every upstream key the gateway sends (`[upstream]` and each `[pool.*]` host): words
+        from an upstream reach clients only with these removed."""
+        keys = [self.upstream.api_key, *(target.api_key for target in self.pool.values())]
+        return tuple(dict.fromkeys(str(key) for key in keys if key))
+
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against a dataclass field's type hint; return it in the field's type."""

@@ -31,7 +31,7 @@ from ds2oai.events import (
 )
 from ds2oai.metrics import QUEUE_WAIT, observe
 from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent
-from ds2oai.upstream_errors import sanitize_message
+from ds2oai.upstream_errors import sanitize_code, sanitize_message
 
 __all__ = ["EventReader"]
 
@@ -208,7 +208,7 @@ class EventReader:
         elif isinstance(event, UpstreamErrorEvent):
             # The upstream's words go to the client: bounded, no control chars, no keys.
             event = UpstreamErrorEvent(
-                sanitize_message(event.code, self._secrets)[:100],
+                sanitize_code(event.code, self._secrets),
                 sanitize_message(event.message, self._secrets),
             )
         events.append(event)

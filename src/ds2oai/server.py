@@ -341,7 +341,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             reply.status,
             reply.headers,
             raw,
-            secrets=(config.upstream.api_key,),
+            secrets=config.upstream_secrets(),
             default_retry_after=config.rate_limit.default_retry_after,
             retried=reply.retried,
         )

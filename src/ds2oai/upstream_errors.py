@@ -33,12 +33,14 @@ __all__ = [
     "client_error_for",
     "error_from_upstream",
     "retry_after_value",
+    "sanitize_code",
     "sanitize_message",
     "upstream_error_fields",
     "upstream_event_error",
 ]
 
 MAX_MESSAGE = 500
+MAX_CODE = 100
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|\*{2,}[A-Za-z0-9]{2,})")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -55,8 +57,15 @@ def sanitize_message(message: str, secrets: tuple[str, ...] = ()) -> str:
     return message
 
 
+def sanitize_code(code: str, secrets: tuple[str, ...] = ()) -> str:
+    """An upstream's error code as a client may see it: as `sanitize_message`, on one line,
+    and short."""
+    return sanitize_message(code, secrets).replace("\n", " ").replace("\t", " ")[:MAX_CODE]
+
+
 def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, bool]:
-    """(code, message, is_json) from an upstream error body, whatever its shape."""
+    """(code, message, is_json) from an upstream error body, whatever its shape; a code that
+    is neither a string nor an integer is no code. Both unsanitized: the caller cleans them."""
     try:
         obj: Any = jsonutil.loads(body.strip() or b"null")
     except jsonutil.JSONDecodeError:
@@ -67,8 +76,10 @@ def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, bool]:
         if isinstance(error, dict):
             code = error.get("code")
             message = error.get("message")
+            if isinstance(code, int) and not isinstance(code, bool):
+                code = str(code)
             return (
-                str(code) if code is not None else None,
+                code if isinstance(code, str) and code else None,
                 str(message) if message is not None else None,
                 True,
             )
@@ -91,6 +102,7 @@ def error_from_upstream(
     `retried`: the gateway gave up on it after retrying; a 502 then says `x-should-retry:
     false` (a 429 keeps its `Retry-After`, which already paces the client)."""
     code, message, _is_json = upstream_error_fields(body)
+    code = sanitize_code(code, secrets) if code else None
     clean = sanitize_message(message, secrets) if message else None
     if status in (401, 403):
         return ClientError(
@@ -207,7 +219,9 @@ def broken_error(message: str = BROKEN_MESSAGE, *, timeout: bool = False) -> Cli
 
 def upstream_event_error(code: str, message: str, secrets: tuple[str, ...] = ()) -> ClientError:
     """The HTTP error for an upstream `{"error": ...}` event before anything was sent."""
-    return ClientError(502, "upstream_error", code, sanitize_message(message, secrets))
+    return ClientError(
+        502, "upstream_error", sanitize_code(code, secrets), sanitize_message(message, secrets)
+    )
 
 
 def client_error_for(exc: GatewayError) -> ClientError:

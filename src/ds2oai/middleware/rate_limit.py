@@ -26,7 +26,7 @@ class RateLimitTranslator:
 
     @classmethod
     def from_config(cls, config: Config) -> RateLimitTranslator:
-        return cls(config.rate_limit.default_retry_after, (config.upstream.api_key,))
+        return cls(config.rate_limit.default_retry_after, config.upstream_secrets())
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
         reply = await call_next(exchange)

@@ -260,7 +260,7 @@ class Reframe:
                 url=config.resume.endpoint(config.upstream.base_url),
             )
         return cls(
-            secrets=(config.upstream.api_key,),
+            secrets=config.upstream_secrets(),
             keepalive_interval=config.server.keepalive_interval,
             resume=resume,
         )
