@@ -353,6 +353,21 @@ async def test_no_headers_within_read_timeout_is_504(
     assert (error["type"], error["code"]) == ("upstream_connection_error", "upstream_timeout")
 
 
+async def test_a_head_trickled_in_line_by_line_still_ends_at_the_read_timeout(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # Each header line comes well within the read timeout, the whole head never does.
+    trickle: list[Send | Sleep] = [Send(b"HTTP/1.1 200 OK\r\n")]
+    for _ in range(40):
+        trickle += [Sleep(0.1), Send(b"X-Slow: 1\r\n")]
+    fault_upstream.queue(tuple(trickle))
+    server = await gateway(fault_upstream.url, upstream={"read_timeout": 0.5})
+    started = time.monotonic()
+    status, error, _ = await error_of(client, server.make_url("/v1/chat/completions"))
+    assert (status, error["code"]) == (504, "upstream_timeout")
+    assert time.monotonic() - started < 2.0  # not the trickle's 4 s
+
+
 async def test_non_json_5xx_after_retries_is_502_with_status_code(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

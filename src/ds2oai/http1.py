@@ -198,7 +198,6 @@ class _Connection(asyncio.Protocol):
             else:  # nothing asked: a server talking out of turn is not reusable
                 self.close()
             return
-        self._last_data = self._loop.time()
         self._size += len(data)
         try:
             parser.feed_data(data)
@@ -208,6 +207,11 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             self._close_transport()
             return
+        if self._head_done:
+            # The read timeout is silence between reads once the head is in; until then it
+            # counts from the request (`send`), so a head trickled in byte by byte still
+            # ends within the read timeout.
+            self._last_data = self._loop.time()
         tap = self._tap
         if tap is not None:
             parts = self._parts
