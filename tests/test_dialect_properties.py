@@ -87,3 +87,27 @@ def test_spec_dialect_ends_exactly_once(events: list[UpstreamEvent]) -> None:
     terminal = [n for n in names if n in ("response.completed", "response.error")]
     assert len(terminal) == 1
     assert names[-1] == terminal[0]
+
+
+def test_a_cut_answers_last_text_reaches_the_chat_client_before_the_error() -> None:
+    dialect = ChatDialect("m")
+    events: list[UpstreamEvent] = [
+        Chunk("up-1", 1, "m", role="assistant", content="Hello", has_choice=True),
+        Chunk(
+            "up-1",
+            1,
+            "m",
+            content="TAIL",
+            finish_reason="insufficient_system_resource",
+            has_choice=True,
+        ),
+        Done(),
+    ]
+    out = frames(b"".join(dialect.feed(e) for e in events))
+    payloads = [json.loads(f.removeprefix("data: ")) for f in out[:-1]]
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p)
+    assert text == "HelloTAIL"
+    assert payloads[-1]["error"]["code"] == "insufficient_system_resource"
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads if "choices" in p)
+    assert out[-1] == "data: [DONE]"
+    assert dialect.outcome == "upstream_error"

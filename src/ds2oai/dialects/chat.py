@@ -112,10 +112,9 @@ class ChatDialect(ChunkDialect):
         ):
             # The common chunk: only its text differs from the last one; splice pre-encoded bytes.
             return self._text_head + jsonutil.dumps(chunk.content) + self._text_tail
-        if finish == "insufficient_system_resource":
-            return self._end_error(
-                "upstream_error", "upstream_error", CUT_MESSAGE, "insufficient_system_resource"
-            )
+        cut = finish == "insufficient_system_resource"
+        if cut:
+            finish = None  # the chunk's own delta still goes out, then the error
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = chunk.role or "assistant"
@@ -139,12 +138,17 @@ class ChatDialect(ChunkDialect):
                 item["function"] = function
                 calls.append(item)
             delta["tool_calls"] = calls
-        if not delta and finish is None:
-            return b""
-        if finish is not None:
-            self._state = State.FINISHING
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return encode_data(jsonutil.dumps(self._envelope([choice])))
+        out = b""
+        if delta or finish is not None:
+            if finish is not None:
+                self._state = State.FINISHING
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out = encode_data(jsonutil.dumps(self._envelope([choice])))
+        if cut:
+            return out + self._end_error(
+                "upstream_error", "upstream_error", CUT_MESSAGE, "insufficient_system_resource"
+            )
+        return out
 
     def _text(self, literals: list[bytes]) -> bytes:
         if len(literals) == 1:  # a paced stream's usual read: no join
