@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from typing import Any
@@ -95,6 +96,27 @@ async def test_stream_arrives_exact_whatever_the_framing(
     assert spec_text(events) == TEXT
     assert events[-1].event == "response.completed"
     assert events[-1].json()["usage"]["completion_tokens"] == len(TOKENS)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])  # one read, and paced (the byte path)
+async def test_an_empty_finish_reason_on_every_chunk_is_no_finish(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    delay: float,
+) -> None:
+    events = [
+        chunk("", role="assistant", finish_reason=""),
+        *[chunk(token, finish_reason="") for token in TOKENS],
+        chunk("", finish_reason="stop"),
+        DONE,
+    ]
+    fault_upstream.queue(sse_script(events, delay=delay))
+    server = await gateway(fault_upstream.url)
+    _, got = await stream(client, server.make_url("/v1/chat/completions"))
+    assert spec_text(got) == TEXT
+    assert got[-1].event == "response.completed"
+    assert json.loads(got[-1].data)["finish_reason"] == "stop"
 
 
 async def test_one_mebibyte_content_chunk_passes_whole(

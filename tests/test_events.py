@@ -96,6 +96,19 @@ def test_error_with_numeric_code_is_a_string() -> None:
     assert event == UpstreamErrorEvent("500", "boom")
 
 
+def test_error_code_that_is_neither_string_nor_integer_falls_back() -> None:
+    event = parse_upstream_event(json.dumps({"error": {"code": {"nested": "x"}, "message": "m"}}))
+    assert event == UpstreamErrorEvent("upstream_error", "m")
+    event = parse_upstream_event(json.dumps({"error": {"code": True, "type": "t", "message": "m"}}))
+    assert event == UpstreamErrorEvent("t", "m")
+
+
+def test_an_empty_finish_reason_is_no_finish() -> None:
+    chunk = parse_chunk(chunk_json(choices=[{"delta": {"content": "a"}, "finish_reason": ""}]))
+    assert chunk.finish_reason is None
+    assert chunk.content == "a"
+
+
 def test_error_string_becomes_upstream_error_event() -> None:
     event = parse_upstream_event(json.dumps({"error": "overloaded"}))
     assert event == UpstreamErrorEvent("upstream_error", "overloaded")

@@ -134,6 +134,15 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _code(value: Any) -> str | None:
+    """An error code as a string: a non-empty string or an integer, else none."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _tool_calls(value: Any) -> tuple[ToolCallDelta, ...]:
     if not isinstance(value, list):
         return ()
@@ -175,9 +184,9 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     error = obj.get("error")
     if error:
         if isinstance(error, dict):
-            code = error.get("code") or error.get("type") or "upstream_error"
+            code = _code(error.get("code")) or _code(error.get("type")) or "upstream_error"
             message = error.get("message") or "Upstream reported an error"
-            return UpstreamErrorEvent(str(code), str(message))
+            return UpstreamErrorEvent(code, str(message))
         return UpstreamErrorEvent("upstream_error", str(error))
     choices = obj.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
@@ -188,7 +197,10 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     else:
         d = choice_delta(choice)
         delta = d if isinstance(d, dict) else {}
-        finish = _str_or_none(choice.get("finish_reason"))
+        # "" is no finish: some OpenAI-compatible servers send it on every chunk.
+        finish = choice.get("finish_reason") or None
+        if type(finish) is not str:
+            finish = None
     usage = obj.get("usage")
     created = obj.get("created")
     ident = obj.get("id")
