@@ -537,6 +537,41 @@ def test_a_call_with_whole_arguments_is_closed_when_the_next_item_opens() -> Non
     assert ("response.output_item.done", 2) not in order
 
 
+def test_open_items_close_in_output_order_at_the_finish() -> None:
+    d = dialect()
+    events = frames(
+        run(
+            d,
+            [
+                chunk(role="assistant", tools=[call(0, id="c0", name="f", args='{"a":')]),
+                chunk(content="text while the call is open"),
+                chunk(tools=[call(0, args="1}")]),
+                chunk(content="", finish="tool_calls"),
+                Done(),
+            ],
+        )
+    )
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert done == [0, 1]
+    call_item = d.response()["output"][0]
+    assert call_item["arguments"] == '{"a":1}'
+
+
+def test_a_call_whose_arguments_are_a_bare_number_stays_open() -> None:
+    d = dialect()
+    run(
+        d,
+        [
+            chunk(role="assistant", tools=[call(0, id="c0", name="f", args="1")]),
+            chunk(tools=[call(1, id="c1", name="g", args="{}")]),
+            chunk(tools=[call(0, args="2")]),  # a number can go on
+            chunk(content="", finish="tool_calls"),
+            Done(),
+        ],
+    )
+    assert [o["arguments"] for o in d.response()["output"]] == ["12", "{}"]
+
+
 def test_an_incomplete_call_is_closed_incomplete_at_a_length_finish() -> None:
     d = dialect()
     events = frames(

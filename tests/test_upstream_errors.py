@@ -237,6 +237,20 @@ def test_connect_failure_after_retries_tells_the_client_not_to_retry() -> None:
     assert client_error_for(exc).headers["x-should-retry"] == "false"
 
 
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("header", ["retry-after", "retry-after-ms"])
+def test_a_huge_retry_after_is_passed_on_as_a_day(status: int, header: str) -> None:
+    error = error_from_upstream(status, {header: "1e306"}, b"")
+    assert error.headers["Retry-After"] == "86400"
+    assert error.headers["retry-after-ms"] == "86400000"
+
+
+def test_an_error_code_of_only_control_characters_falls_back() -> None:
+    body = json.dumps({"error": {"code": "\u0000\u0001 ", "message": "m"}}).encode()
+    assert error_from_upstream(400, {}, body).code == "invalid_request_error"
+    assert upstream_event_error("\x00\x01", "m").code == "upstream_error"
+
+
 def test_404_is_502_upstream_status_404() -> None:
     error = error_from_upstream(404, {}, b"Not Found")
     assert triple(error) == (502, "upstream_connection_error", "upstream_status_404")
@@ -299,6 +313,11 @@ def test_sanitize_redacts_a_planted_sk_key() -> None:
     assert "sk-test" not in clean
     assert clean.startswith("Your api key ")
     assert clean.endswith(" is invalid")
+
+
+def test_sanitize_redacts_a_key_that_contains_another_whole() -> None:
+    cleaned = sanitize_message("echo mainkey-XYZ2 and mainkey", ("mainkey", "mainkey-XYZ2"))
+    assert cleaned == "echo [redacted] and [redacted]"
 
 
 def test_sanitize_redacts_the_secrets_argument_verbatim() -> None:

@@ -208,7 +208,7 @@ class EventReader:
         elif isinstance(event, UpstreamErrorEvent):
             # The upstream's words go to the client: bounded, no control chars, no keys.
             event = UpstreamErrorEvent(
-                sanitize_code(event.code, self._secrets),
+                sanitize_code(event.code, self._secrets) or "upstream_error",
                 sanitize_message(event.message, self._secrets),
             )
         events.append(event)

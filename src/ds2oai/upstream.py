@@ -234,7 +234,8 @@ class UpstreamClient:
             inc(child(ATTEMPTS, "connect_error"))
             raise UpstreamConnectError(
                 f"Timed out connecting to the upstream (no connection within "
-                f"{self._connect_timeout:g} s)",
+                f"{self._connect_timeout:g} s, connecting or waiting for a free one of "
+                f"upstream.max_connections)",
                 timeout=True,
             ) from None
         except http1.ReadTimeout:

@@ -41,13 +41,15 @@ __all__ = [
 
 MAX_MESSAGE = 500
 MAX_CODE = 100
+MAX_RETRY_AFTER = 86400.0
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|\*{2,}[A-Za-z0-9]{2,})")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def sanitize_message(message: str, secrets: tuple[str, ...] = ()) -> str:
     """Bound the length, drop control characters and anything that looks like a key."""
-    for secret in secrets:
+    # Longest first: a key that contains another must not leave its rest behind.
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret:
             message = message.replace(secret, "[redacted]")
     message = _KEYLIKE.sub("[redacted]", message)
@@ -59,8 +61,9 @@ def sanitize_message(message: str, secrets: tuple[str, ...] = ()) -> str:
 
 def sanitize_code(code: str, secrets: tuple[str, ...] = ()) -> str:
     """An upstream's error code as a client may see it: as `sanitize_message`, on one line,
-    and short."""
-    return sanitize_message(code, secrets).replace("\n", " ").replace("\t", " ")[:MAX_CODE]
+    and short; "" when nothing is left (the caller falls back to its own code)."""
+    clean = sanitize_message(code, secrets).replace("\n", " ").replace("\t", " ")
+    return clean.strip()[:MAX_CODE]
 
 
 def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, bool]:
@@ -102,7 +105,7 @@ def error_from_upstream(
     `retried`: the gateway gave up on it after retrying; a 502 then says `x-should-retry:
     false` (a 429 keeps its `Retry-After`, which already paces the client)."""
     code, message, _is_json = upstream_error_fields(body)
-    code = sanitize_code(code, secrets) if code else None
+    code = (sanitize_code(code, secrets) or None) if code else None
     clean = sanitize_message(message, secrets) if message else None
     if status in (401, 403):
         return ClientError(
@@ -182,13 +185,14 @@ def _upstream_param(body: bytes, secrets: tuple[str, ...]) -> str | None:
 
 
 def retry_after_value(headers: Mapping[str, str], default: float) -> float:
-    """Seconds from `retry-after-ms` or `retry-after` (delta seconds); `default` if absent."""
+    """Seconds from `retry-after-ms` or `retry-after` (delta seconds); `default` if absent.
+    At most a day: a larger hint is passed on as a day (and would overflow the arithmetic)."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             value = float(ms) / 1000
             if math.isfinite(value) and value >= 0:
-                return value
+                return min(value, MAX_RETRY_AFTER)
         except ValueError:
             pass
     seconds = headers.get("retry-after")
@@ -196,12 +200,12 @@ def retry_after_value(headers: Mapping[str, str], default: float) -> float:
         try:
             value = float(seconds)
             if math.isfinite(value) and value >= 0:
-                return value
+                return min(value, MAX_RETRY_AFTER)
         except ValueError:
             try:
                 when = parsedate_to_datetime(seconds).timestamp()
-                return max(0.0, when - time.time())
-            except (TypeError, ValueError):
+                return min(max(0.0, when - time.time()), MAX_RETRY_AFTER)
+            except (TypeError, ValueError, OverflowError):
                 pass
     return default
 
@@ -219,9 +223,8 @@ def broken_error(message: str = BROKEN_MESSAGE, *, timeout: bool = False) -> Cli
 
 def upstream_event_error(code: str, message: str, secrets: tuple[str, ...] = ()) -> ClientError:
     """The HTTP error for an upstream `{"error": ...}` event before anything was sent."""
-    return ClientError(
-        502, "upstream_error", sanitize_code(code, secrets), sanitize_message(message, secrets)
-    )
+    code = sanitize_code(code, secrets) or "upstream_error"
+    return ClientError(502, "upstream_error", code, sanitize_message(message, secrets))
 
 
 def client_error_for(exc: GatewayError) -> ClientError:

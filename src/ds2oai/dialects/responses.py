@@ -32,9 +32,9 @@ Parallel tool calls: DeepSeek sends each call's fragments in one run, and the Re
 format (like OpenAI's own streams) closes a call's item before the next item opens. But an
 upstream may interleave the fragments of parallel calls, and a closed item cannot take more
 arguments. So a new item closes an open call only if the call's arguments so far are a whole
-JSON value (no valid fragment can follow it); a call still incomplete stays open, takes its
-later fragments by its `output_index`, and is closed at the finish_reason. Sequential calls
-keep the usual order; interleaved ones lose nothing.
+JSON object or array (no valid fragment can follow it); a call still incomplete stays open,
+takes its later fragments by its `output_index`, and is closed at the finish_reason.
+Sequential calls keep the usual order; interleaved ones lose nothing.
 
 Plain text, thinking and tool-call arguments chunks may also come as JSON string literals
 (`feed_text`, `feed_reasoning`, `feed_arguments`, or `TextDelta` / `ReasoningDelta` /
@@ -102,11 +102,13 @@ class _State(enum.Enum):
 
 
 def _whole_json(text: str) -> bool:
+    """A whole JSON object or array: no fragment appended to it can be valid JSON (a number
+    could go on: `1` then `2`). Tool arguments are objects."""
     try:
-        jsonutil.loads(text)
+        value = jsonutil.loads(text)
     except jsonutil.JSONDecodeError:
         return False
-    return True
+    return isinstance(value, dict | list)
 
 
 def _int(value: Any) -> int:
@@ -503,9 +505,15 @@ class ResponsesDialect:
 
     def _close_all(self, status: str) -> bytes:
         """Close every open item, in output order (at the finish_reason)."""
-        out = self._close_text(status)
-        calls, self._open_calls = self._open_calls, []
-        return out + b"".join([self._close(item, status) for item in calls])
+        text = self._open
+        if text is not None and text.kind == "reasoning" and self._seal is not None:
+            text.encrypted = self._seal(text.text)  # the step that can fail, before any change
+        items = sorted(
+            [*self._open_calls, *([text] if text is not None else [])], key=lambda i: i.index
+        )
+        self._open = None
+        self._open_calls = []
+        return b"".join([self._close(item, status) for item in items])
 
     def _close_text(self, status: str = "completed") -> bytes:
         item = self._open
@@ -528,7 +536,7 @@ class ResponsesDialect:
 
     def _close(self, item: _Item, status: str) -> bytes:
         """Close `item`: its `*.done` events, then `output_item.done`."""
-        if item.kind == "reasoning" and self._seal is not None:
+        if item.kind == "reasoning" and self._seal is not None and item.encrypted is None:
             # The one step here that can fail, so it comes before any change: a splice tap
             # that raises has its read declined and fed again by the reader (see `_literal`).
             item.encrypted = self._seal(item.text)
