@@ -4,8 +4,9 @@ Module-level collectors in this module's own `REGISTRY`, so that `/metrics` hold
 names (prometheus-client's default registry adds `python_gc_*`, `python_info` and `process_*`):
 the process's CPU, memory and open files are here as `ds2oai_process_*`. `render()` serves
 them. With `--workers N` the CLI sets `PROMETHEUS_MULTIPROC_DIR` before the workers start and
-`render()` aggregates every process's files, so one scrape of any worker sees the whole gateway.
-Recording functions are small and never raise; nothing here touches requests or responses.
+`render()` aggregates every process's files, so one scrape of any worker sees the whole gateway
+(without `ds2oai_process_*`, which describe one process). Recording functions are small and
+never raise; nothing here touches requests or responses.
 
 The per-request series go through `inc()` and `observe()`, which only add to this process's
 pending sums (a dict update each); `flush()` hands them to prometheus-client, one locked update
