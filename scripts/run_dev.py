@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,14 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
     return False
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether something already listens there (a server started earlier answers in its place,
+    so waiting for our own would wrongly succeed)."""
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -61,8 +70,24 @@ def main() -> int:
     env = dict(os.environ)
     mock: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    own_mock = not env.get("UPSTREAM_BASE_URL")
+    if own_mock and _port_taken("127.0.0.1", args.mock_port):
+        print(
+            f"make run: port {args.mock_port} is in use (a mock upstream already running?). "
+            f"Stop it, use it with UPSTREAM_BASE_URL=http://127.0.0.1:{args.mock_port} make run, "
+            "or pick another port with make run MOCK_PORT=9002.",
+            file=sys.stderr,
+        )
+        return 1
+    if _port_taken(args.host, args.port):
+        print(
+            f"make run: port {args.port} is in use. Stop what listens there, or pick another "
+            "port with make run PORT=8001.",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        if not env.get("UPSTREAM_BASE_URL"):
+        if own_mock:
             mock = subprocess.Popen(
                 [
                     sys.executable,
@@ -107,7 +132,7 @@ def main() -> int:
             f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             '    -d \'{"model": "deepseek-chat", "messages": [{"role": "user", '
             '"content": "Hello"}], "stream": true}\'\n\n'
-            "Ctrl-C stops both.\n",
+            f"Ctrl-C stops {'both' if mock is not None else 'it'}.\n",
             flush=True,
         )
         while True:

@@ -8,13 +8,16 @@ import os
 import resource
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 from ds2oai.metrics import FLUSH_INTERVAL
+from mock_upstream.mock_deepseek_sse import NORMAL_TEXT
 from tests.conftest import ROOT, free_port, wait_http
 from tests.sse_client import parse_events, spec_text
 
@@ -255,3 +258,45 @@ async def test_serve_warns_when_even_the_hard_open_files_limit_is_low(
     assert len(warned) == 1
     assert warned[0]["open_files"] == 1000
     assert warned[0]["level"] == "warning"
+
+
+def _run_dev(port: int, mock_port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "UPSTREAM_BASE_URL"}
+    argv = [sys.executable, "scripts/run_dev.py", "--port", str(port)]
+    return subprocess.Popen(
+        [*argv, "--mock-port", str(mock_port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_make_run_starts_both_answers_and_stops_on_ctrl_c() -> None:
+    port, mock_port = free_port(), free_port()
+    with _run_dev(port, mock_port) as proc:
+        try:
+            assert proc.stdout is not None
+            ready = next(line for line in proc.stdout if "ds2oai ready" in line)
+            assert f"upstream http://127.0.0.1:{mock_port}" in ready
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            request = urllib.request.Request(url, data=json.dumps(body).encode())
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert spec_text(parse_events(answer.read())) == NORMAL_TEXT
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_make_run_refuses_a_mock_port_already_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with _run_dev(free_port(), taken.getsockname()[1]) as proc:
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "is in use" in err
+    assert "ds2oai ready" not in err
