@@ -7,6 +7,7 @@ the fault-injecting upstream where a test must see what went upstream (async cli
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -132,14 +133,43 @@ def test_stored_response_retrieve_input_items_and_delete(served_gateway: str) ->
             input=[{"role": "user", "content": "Hello"}],
             extra_body={"test_mode": "normal"},
         )
+        assert created.completed_at is not None
+        assert created.completed_at >= created.created_at
         fetched = client.responses.retrieve(created.id)
         assert fetched.id == created.id
         assert fetched.output_text == NORMAL_TEXT
+        assert fetched.completed_at == created.completed_at
         items = client.responses.input_items.list(created.id)
         assert [getattr(i, "role", None) for i in items.data] == ["user"]
         client.responses.delete(created.id)
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(created.id)
+
+
+def test_input_items_pages_with_after_and_before(served_gateway: str) -> None:
+    with sdk(served_gateway) as client:
+        created = client.responses.create(
+            model="deepseek-chat",
+            input=[{"role": "user", "content": f"m{i}"} for i in range(5)],
+            extra_body={"test_mode": "normal"},
+        )
+        ids = [item.id for item in client.responses.input_items.list(created.id, order="asc")]
+        assert len(ids) == 5
+
+        def page(**query: str) -> list[str]:
+            # `before` is not among the SDK's list parameters any more: plain HTTP.
+            params = urllib.parse.urlencode({"order": "asc", **query})
+            request = urllib.request.Request(
+                f"{served_gateway}/v1/responses/{created.id}/input_items?{params}",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as http:
+                return [item["id"] for item in json.loads(http.read())["data"]]
+
+        assert page(after=ids[1]) == ids[2:]
+        assert page(before=ids[3]) == ids[:3]
+        assert page(after=ids[0], before=ids[4]) == ids[1:4]
+        assert page(before="msg_unknown") == []
 
 
 def test_store_false_is_not_retrievable(served_gateway: str) -> None:

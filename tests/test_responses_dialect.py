@@ -996,3 +996,18 @@ def test_property_final_output_matches_the_streamed_items(events: list[UpstreamE
     assert ((message or {}).get("content") or "") == text
     calls = [o for o in final["output"] if o["type"] == "function_call"]
     assert len((message or {}).get("tool_calls") or []) == len(calls)
+
+
+def test_completed_at_only_on_a_completed_response() -> None:
+    d = ResponsesDialect(response_id="r", created_at=100, model="m", echo={}, clock=lambda: 123)
+    final = frames(run(d, [chunk(role="assistant", content="hi", finish="stop"), Done()]))[-1]
+    assert final["response"]["completed_at"] == 123
+    assert d.response()["completed_at"] == 123
+    cut = dialect()
+    last = frames(run(cut, [chunk(role="assistant", content="hi", finish="length"), Done()]))[-1]
+    assert last["type"] == "response.incomplete"
+    assert "completed_at" not in last["response"]
+    broken = dialect()
+    last = frames(run(broken, [chunk(role="assistant", content="hi"), EndOfBody()]))[-1]
+    assert last["type"] == "response.failed"
+    assert "completed_at" not in last["response"]

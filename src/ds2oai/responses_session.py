@@ -46,6 +46,7 @@ class ResponsesSession:
             model=request.exposed_model,
             echo=request.echo,
             seal=seal,
+            clock=lambda: int(time.time()),
         )
 
     def make_dialect(self) -> ResponsesDialect:

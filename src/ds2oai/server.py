@@ -551,6 +551,12 @@ async def responses_input_items(request: web.Request) -> web.Response:
         )
     if order == "desc":
         items.reverse()
+    # Cursors in the listing's order: `after` an item, `before` an item, or between the two;
+    # an id not in the list leaves nothing (as an expired cursor would).
+    before = request.query.get("before")
+    if before:
+        ids = [item.get("id") for item in items]
+        items = items[: ids.index(before)] if before in ids else []
     after = request.query.get("after")
     if after:
         ids = [item.get("id") for item in items]

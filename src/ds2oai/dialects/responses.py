@@ -3,7 +3,8 @@
 A sans-IO state machine from normalized upstream events (`ds2oai.events`) to the Responses
 wire format (reference/PROTOCOLS.md A.3-A.7, B.3): every event is `event: <type>` + one
 compact `data:` JSON line repeating `type` with a `sequence_number` counting from 0; no
-`[DONE]`. It touches nothing but its own state: no aiohttp, no store, no clock. The reframe
+`[DONE]`. It touches nothing but its own state: no aiohttp, no store, no clock of its own (a
+completed response's `completed_at` comes from the `clock` it is given). The reframe
 stage feeds it and writes the bytes; a non-streaming request feeds it the same events, drops
 the bytes and answers `response()`. `assistant_message()` gives the turn back as one DeepSeek
 chat message for the conversation store; `seal` (optional) turns reasoning text into the
@@ -90,7 +91,7 @@ RESPONSE_DEFAULTS: Mapping[str, Any] = {
 }
 _FIXED = frozenset(
     {"id", "object", "created_at", "status", "model", "output", "usage", "error"}
-    | {"incomplete_details"}
+    | {"incomplete_details", "completed_at"}
 )
 
 
@@ -230,6 +231,8 @@ class ResponsesDialect:
 
     __slots__ = (
         "_calls",
+        "_clock",
+        "_completed_at",
         "_created_at",
         "_echo",
         "_error",
@@ -256,9 +259,13 @@ class ResponsesDialect:
         model: str,
         echo: Mapping[str, Any],
         seal: Callable[[str], str] | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         self._id = response_id
         self._created_at = created_at
+        # `completed_at` when the answer completes; without a clock, `created_at` stands in.
+        self._clock = clock
+        self._completed_at: int | None = None
         self._model = model
         self._echo = {k: v for k, v in echo.items() if k not in _FIXED}
         self._seal = seal
@@ -361,6 +368,8 @@ class ResponsesDialect:
             "error": self._error,
             "incomplete_details": self._incomplete,
         }
+        if status == "completed":
+            obj["completed_at"] = self._completed_at
         for key, default in RESPONSE_DEFAULTS.items():
             obj[key] = self._echo.get(key, default)
         for key, value in self._echo.items():
@@ -587,6 +596,8 @@ class ResponsesDialect:
         return self._end("failed", "response.failed", outcome)
 
     def _end(self, status: str, type_: str, outcome: str) -> bytes:
+        if status == "completed":
+            self._completed_at = self._clock() if self._clock is not None else self._created_at
         self._status = status
         self._state = _State.ENDED
         self._outcome = outcome
