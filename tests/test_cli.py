@@ -51,7 +51,14 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     bad.write_text("[retry]\nmax_retrys = 3\n")
     result = run_cli("check-config", str(bad))
     assert result.returncode == 1
-    assert "retry.max_retrys" in result.stderr
+    assert result.stderr.startswith(f"{bad}: retry.max_retrys")
+
+
+def test_check_config_names_a_missing_file_once(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    result = run_cli("check-config", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"{missing}: no such config file\n"
 
 
 def test_check_config_names_a_bad_chain_entry(tmp_path: Path) -> None:

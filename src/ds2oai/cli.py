@@ -32,7 +32,11 @@ log = logging.getLogger("ds2oai")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds2oai", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ds2oai",
+        description="An OpenAI-compatible streaming gateway in front of DeepSeek's Chat "
+        "Completions API.",
+    )
     parser.add_argument("--version", action="version", version=f"ds2oai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
@@ -191,7 +195,10 @@ def check_config(args: argparse.Namespace) -> int:
         config = load_config(args.file)
         build_middleware(config, BUILTINS)
     except ConfigError as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+        message = str(exc)  # file errors name the file already; key errors do not
+        if not message.startswith(f"{args.file}:"):
+            message = f"{args.file}: {message}"
+        print(message, file=sys.stderr)
         return 1
     print(f"{args.file}: ok")
     return 0
