@@ -300,10 +300,14 @@ async def test_a_stream_holds_its_slot_until_its_body_ends() -> None:
     stage = KeyLimits(limiter, KeyRule(concurrent_streams=1))
     upstream = Upstream()
     reply = await stage(make_exchange("k1"), upstream)
+    assert reply.headers["x-ratelimit-limit-streams"] == "1"
+    assert "x-ratelimit-remaining-streams" not in reply.headers
     assert limiter.streams_held("k1") == 1
     error = await refused(stage, make_exchange("k1"), upstream)
     assert (error.status, error.code) == (429, "concurrency_limit_exceeded")
     assert error.headers["Retry-After"] == "1"
+    assert error.headers["x-ratelimit-limit-streams"] == "1"
+    assert error.headers["x-ratelimit-remaining-streams"] == "0"
     assert await drain(reply) == b"ab"
     assert limiter.streams_held("k1") == 0
     await drain(await stage(make_exchange("k1"), upstream))

@@ -41,7 +41,11 @@ __all__ = [
 ]
 
 WINDOW: Final = 60.0  # seconds: the "minute" of requests/tokens per minute
-DEFAULT_LEASE: Final = 600.0  # seconds a concurrency slot lives without renewal
+# Seconds a concurrency slot lives without renewal (renewed every third of it while the
+# answer streams). Short, because a lease nobody will give back blocks its key until it
+# expires: one taken by an acquire that timed out on a stalled Redis and ran when Redis woke
+# (the request went on, fail-open, without it), or one of a process that died.
+DEFAULT_LEASE: Final = 90.0
 
 
 class LimiterError(GatewayError):

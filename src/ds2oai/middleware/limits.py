@@ -117,6 +117,12 @@ def _headers(rule: KeyRule, decision: Decision) -> dict[str, str]:
         headers["x-ratelimit-limit-tokens"] = str(rule.tokens_per_minute)
         headers["x-ratelimit-remaining-tokens"] = str(remaining)
         headers["x-ratelimit-reset-tokens"] = openai_duration(decision.tokens_reset)
+    if rule.concurrent_streams:
+        # No OpenAI header for concurrency: the same pattern, the limit only (how many are
+        # open is known to the limiter, not counted back here), and 0 left when refused.
+        headers["x-ratelimit-limit-streams"] = str(rule.concurrent_streams)
+        if decision.refused == "streams":
+            headers["x-ratelimit-remaining-streams"] = "0"
     return headers
 
 

@@ -141,7 +141,7 @@ _MAX_JSON_ANSWER = 4 * 1024 * 1024
 # writes as nothing), so a `passes_downstream` wrapper (the per-key limits' body, whose lease
 # renewals run between items) gets a pull that often however the answer streams. Read at
 # each use (tests shorten it).
-_SPLICE_TURN = 60.0
+_SPLICE_TURN = 20.0  # well under a third of the limits' lease (DEFAULT_LEASE, 90 s)
 _NEVER = math.inf
 
 
