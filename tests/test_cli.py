@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -11,10 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from ds2oai.metrics import FLUSH_INTERVAL
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT
@@ -307,3 +310,90 @@ def test_make_run_refuses_a_mock_port_already_in_use() -> None:
     assert proc.returncode == 1
     assert "is in use" in err
     assert "ds2oai ready" not in err
+
+
+def _workers_of(pid: int) -> set[int]:
+    """The `--workers` processes of `pid` (its spawned children, not the resource tracker)."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                    found.add(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_worker_is_replaced_and_workers_end_with_their_parent(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    env.pop("DS2OAI_CONFIG", None)
+    out_path = tmp_path / "out.log"
+    with out_path.open("wb") as out_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    workers: set[int] = set()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        time.sleep(5.5)  # past the quick-exit window: a worker dying now is replaced
+        first = _workers_of(proc.pid)
+        assert len(first) == 2
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            workers = _workers_of(proc.pid)
+            if len(workers) == 2 and victim not in workers:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2
+        assert victim not in workers
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        # The parent killed outright: its workers drain and go, none keeps the port.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    log_lines = out_path.read_text().splitlines()
+    assert any("a worker exited while serving; starting another" in line for line in log_lines)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_port_in_use_says_so_in_one_line(workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli(
+            "serve",
+            "--port",
+            port,
+            "--workers",
+            workers,
+            env={"UPSTREAM_BASE_URL": "http://127.0.0.1:9"},
+        )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert f"cannot serve on 127.0.0.1:{port}" in output
+    assert "address already in use" in output
+    assert "Traceback" not in output

@@ -349,3 +349,20 @@ def test_upstream_secrets_hold_every_upstream_key(tmp_path: Path) -> None:
     )
     config = load_config(path, {"DEEPSEEK_API_KEY": "main-key", "B_KEY": "b-key"})
     assert config.upstream_secrets() == ("main-key", "b-key")  # once each, none empty
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[server]\nshutdown_grace = -1\n", "server.shutdown_grace: must be >= 0"),
+        ("[server]\nshutdown_grace = nan\n", "server.shutdown_grace: expected a finite number"),
+        ("[server]\nshutdown_grace = inf\n", "server.shutdown_grace: expected a finite number"),
+        ("[upstream]\nread_timeout = nan\n", "upstream.read_timeout: expected a finite number"),
+        ("[retry]\ndeadline = -inf\n", "retry.deadline: expected a finite number"),
+    ],
+)
+def test_numbers_that_are_not_usable_stop_start_up(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, {})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 
 import aiohttp
@@ -256,6 +258,30 @@ async def test_readyz_reflects_upstream_reachability(
         assert (await resp.json())["status"] == "not_ready"
     async with client.get(down.make_url("/healthz")) as resp:
         assert resp.status == 200
+
+
+async def test_readyz_gives_up_on_a_blackholed_upstream_within_two_seconds(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # A full accept queue: SYNs are dropped, so a connect neither succeeds nor fails.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(2)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            server = await gateway(f"http://127.0.0.1:{port}", upstream={"connect_timeout": 10.0})
+            started = time.monotonic()
+            async with client.get(server.make_url("/readyz")) as resp:
+                assert resp.status == 503
+            assert time.monotonic() - started < 3.0
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 async def test_request_log_has_no_content_unless_configured(

@@ -9,12 +9,14 @@ import gc
 import ipaddress
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -24,7 +26,7 @@ from ds2oai.chain import build_middleware
 from ds2oai.config import Config, load_config
 from ds2oai.errors import ConfigError
 from ds2oai.middleware import BUILTINS
-from ds2oai.server import create_app
+from ds2oai.server import SHUTDOWN_MARGIN, create_app
 
 __all__ = ["main"]
 
@@ -93,7 +95,7 @@ def _raise_open_files() -> int:
     return soft
 
 
-def _serve_one(config: Config) -> None:
+def _serve_one(config: Config) -> int:
     logs.configure(config.logging.level)
     app = create_app(config, owns_process=True)
     host, port = config.server.host, config.server.port
@@ -111,21 +113,48 @@ def _serve_one(config: Config) -> None:
     # concurrent streams (callgrind). 10,000 keeps cycles short-lived and that cost negligible.
     gc.set_threshold(10_000, 10, 10)
 
-    web.run_app(
-        app,
-        loop=_new_loop(config.server.uvloop),
-        host=host,
-        port=port,
-        handler_cancellation=True,
-        # aiohttp's keep-alive timer also runs from accept until the first request head is
-        # complete, and bytes trickling in do not reset it: it is our header read timeout.
-        keepalive_timeout=config.server.header_timeout,
-        backlog=config.server.backlog,
-        access_log=None,
-        shutdown_timeout=config.server.shutdown_grace,
-        print=ready,
-        reuse_port=config.server.workers > 1 or None,
-    )
+    try:
+        web.run_app(
+            app,
+            loop=_new_loop(config.server.uvloop),
+            host=host,
+            port=port,
+            handler_cancellation=True,
+            # aiohttp's keep-alive timer also runs from accept until the first request head is
+            # complete, and bytes trickling in do not reset it: it is our header read timeout.
+            keepalive_timeout=config.server.header_timeout,
+            backlog=config.server.backlog,
+            access_log=None,
+            shutdown_timeout=config.server.shutdown_grace + SHUTDOWN_MARGIN,
+            print=ready,
+            reuse_port=config.server.workers > 1 or None,
+        )
+    except OSError as exc:  # cannot bind (in use, not allowed, no such address): one line
+        log.error(
+            "cannot serve on %s:%s: %s", host, port, exc.strerror or exc, extra={"errno": exc.errno}
+        )
+        return 1
+    return 0
+
+
+def _worker(config: Config, parent: int) -> None:
+    """One of `--workers N`: ends with its parent, whatever way the parent goes."""
+    _die_with_parent(parent)
+    sys.exit(_serve_one(config))
+
+
+def _die_with_parent(parent: int) -> None:
+    # Linux's PR_SET_PDEATHSIG: SIGTERM (a normal drain) when the parent dies, even by
+    # SIGKILL, so no orphaned worker keeps serving the port. Elsewhere: nothing to do.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent was already gone before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -160,34 +189,66 @@ def serve(args: argparse.Namespace) -> int:
             extra={"host": config.server.host},
         )
     if config.server.workers == 1:
-        _serve_one(config)
-        return 0
-    # SO_REUSEPORT: each worker binds the same port; the kernel spreads connections.
-    # Metrics from every worker are aggregated through files in one directory.
+        return _serve_one(config)
+    return _supervise(config)
+
+
+# A worker that ends this soon after it started is not restarted (it would fail again: the
+# port taken, say); the others are stopped and `serve` exits 1.
+_QUICK_EXIT = 5.0
+
+
+def _supervise(config: Config) -> int:
+    """`--workers N`: N processes on one port (SO_REUSEPORT: the kernel spreads connections),
+    their metrics aggregated through files in one directory. A worker that dies while serving
+    is logged and replaced; SIGTERM/SIGINT drain all of them."""
     metrics_dir = tempfile.mkdtemp(prefix="ds2oai-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
-    workers = [
-        ctx.Process(target=_serve_one, args=(config,), daemon=False)
-        for _ in range(config.server.workers)
-    ]
-    for worker in workers:
+    stopping = False
+    failed = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        worker = ctx.Process(target=_worker, args=(config, os.getpid()), daemon=False)
         worker.start()
+        started[worker.sentinel] = time.monotonic()
+        return worker
 
     def forward(signum: int, _frame: object) -> None:
         # Each worker drains its own streams on SIGTERM; a second signal is passed on too.
+        nonlocal stopping
+        stopping = True
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
+    started: dict[int, float] = {}
+    workers = [start() for _ in range(config.server.workers)]
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        for worker in workers:
-            worker.join()
+        while any(worker.is_alive() for worker in workers):
+            ended = multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()])
+            for worker in [w for w in workers if w.sentinel in ended]:
+                worker.join()
+                if stopping:
+                    continue
+                lived = time.monotonic() - started.pop(worker.sentinel)
+                quick = lived < _QUICK_EXIT
+                log.error(
+                    "a worker exited soon after it started; stopping"
+                    if quick
+                    else "a worker exited while serving; starting another",
+                    extra={"pid": worker.pid, "exitcode": worker.exitcode, "seconds": lived},
+                )
+                if quick:
+                    failed = True
+                    forward(signal.SIGTERM, None)
+                    continue
+                workers[workers.index(worker)] = start()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0 if all(w.exitcode == 0 for w in workers) else 1
+    return 1 if failed or any(w.exitcode != 0 for w in workers) else 0
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ it does not import middleware (the chain loader in `chain.py` does that).
 """
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -268,6 +269,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number")
+        if not math.isfinite(value):  # TOML has nan and inf; no key means anything by them
+            raise ConfigError(f"{key}: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -406,6 +409,8 @@ def _validate(config: Config) -> None:
     for name in ("header_timeout", "body_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be positive")
+    if s.shutdown_grace < 0:
+        raise ConfigError("server.shutdown_grace: must be >= 0 (0 = cut open streams at once)")
     if s.backlog < 1:
         raise ConfigError("server.backlog: must be at least 1")
     if s.keepalive_interval < 0:

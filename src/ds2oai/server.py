@@ -669,11 +669,16 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.flush()
 
 
+# Seconds after the grace for the cut streams' terminal events (aiohttp's shutdown_timeout is
+# the grace plus this).
+SHUTDOWN_MARGIN = 1.0
+
+
 async def _drain_on_shutdown(app: web.Application) -> None:
     """SIGTERM: the sites already stopped accepting. Open streams get `shutdown_grace` seconds
-    to finish; shortly before aiohttp cancels what is left, their upstream bodies are cut so
-    each ends with its dialect's terminal error instead of a bare truncation. A second
-    SIGTERM/SIGINT exits at once."""
+    to finish; then their upstream bodies are cut so each ends with its dialect's terminal
+    error instead of a bare truncation, which aiohttp gives `SHUTDOWN_MARGIN` more seconds to
+    go out before it cancels what is left. A second SIGTERM/SIGINT exits at once."""
     loop = asyncio.get_running_loop()
     if app[OWNS_PROCESS]:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -682,7 +687,7 @@ async def _drain_on_shutdown(app: web.Application) -> None:
     grace = app[CONFIG].server.shutdown_grace
     client = app[UPSTREAM]
     loop.call_later(
-        max(0.0, min(grace * 0.8, grace - 0.5)),
+        grace,
         client.abort_all,
         "The gateway is shutting down; the answer was cut",
     )

@@ -85,6 +85,9 @@ def targets_from_config(config: Config) -> list[Target]:
     ]
 
 
+_PROBE_TIMEOUT = 2.0  # seconds a /readyz probe of one upstream may take
+
+
 class UpstreamClient:
     """Callable as the chain's endpoint: `await client(exchange) -> Reply`.
 
@@ -136,7 +139,9 @@ class UpstreamClient:
     async def _probe_one(self, target: Target) -> tuple[bool, str]:
         url = target.url.removesuffix(_CHAT_PATH) + "/models"
         headers = [("Authorization", target.auth)] if target.auth else []
-        timeout = self._connect_timeout
+        # At most 2 s, whatever connect_timeout is: a readiness probe that waits out a
+        # blackholed upstream's 10 s makes the orchestrator's own probe time out first.
+        timeout = min(self._connect_timeout, _PROBE_TIMEOUT)
         try:
             async with asyncio.timeout(timeout):
                 response = await self._pool.request(
