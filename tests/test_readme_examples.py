@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_KEY, ROOT
+from tests.conftest import CLIENT_KEY, ROOT, free_port, wait_http
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLES = dict(
@@ -17,8 +21,14 @@ EXAMPLES = dict(
 )
 
 
+MIDDLEWARE_CONFIG = re.search(
+    r"<!-- example: middleware-config -->\n```toml\n(.*?)```", README, flags=re.DOTALL
+)
+
+
 def test_the_readme_has_its_examples() -> None:
-    assert set(EXAMPLES) == {"chat", "responses"}
+    assert set(EXAMPLES) == {"chat", "responses", "middleware"}
+    assert MIDDLEWARE_CONFIG is not None
 
 
 @pytest.mark.parametrize("name", ["chat", "responses"])
@@ -32,3 +42,41 @@ def test_readme_example_runs(name: str, served_gateway: str, tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr
     assert "Hello! This is a mock DeepSeek stream." in result.stdout
+
+
+def test_the_worked_middleware_example_runs_as_written(
+    mock_upstream_url: str, tmp_path: Path
+) -> None:
+    """`mytags.py` and its config, copied from the README into a directory `serve` starts in."""
+    assert MIDDLEWARE_CONFIG is not None
+    (tmp_path / "mytags.py").write_text(EXAMPLES["middleware"], encoding="utf-8")
+    config = tmp_path / "mytags.toml"
+    config.write_text(MIDDLEWARE_CONFIG.group(1) + '[store]\nbackend = "memory"\n')
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url}
+    env.pop("DS2OAI_CONFIG", None)
+    log_path = tmp_path / "out.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ds2oai", "serve", "--config", str(config), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,  # where the README says to start it
+            env=env,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            streamed = answer.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    counted = [line for line in lines if line.get("logger") == "mytags"]
+    assert len(counted) == 1, lines
+    assert counted[0]["team"] == "search-frontend"
+    assert counted[0]["bytes"] == len(streamed)
