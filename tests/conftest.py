@@ -7,6 +7,7 @@ handler cancellation as `ds2oai serve` does); upstreams are a real uvicorn proce
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,43 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def blackholed_port() -> Iterator[int]:
+    """A loopback port whose connects neither succeed nor fail: its listener's accept queue is
+    full, so the kernel drops further SYNs (a host that has gone silent)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(2)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def start_serve(
+    args: Sequence[str], upstream_url: str, log_path: Path, *, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """`ds2oai serve *args` as a real process, stdout and stderr into `log_path`, the upstream
+    from the environment and no `DS2OAI_CONFIG` from the one running the tests."""
+    env = {**os.environ, "UPSTREAM_BASE_URL": upstream_url}
+    env.pop("DS2OAI_CONFIG", None)
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ds2oai", "serve", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:

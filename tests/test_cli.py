@@ -21,7 +21,7 @@ import pytest
 
 from ds2oai.metrics import FLUSH_INTERVAL
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT
-from tests.conftest import ROOT, free_port, wait_http
+from tests.conftest import ROOT, free_port, start_serve, wait_http
 from tests.sse_client import parse_events, spec_text
 
 UPSTREAM_KEY = "sk-upstream-PLANTED-7f3a9c"
@@ -148,17 +148,8 @@ async def test_workers_share_one_port_and_aggregate_metrics(
     tmp_path: Path, mock_upstream_url: str
 ) -> None:
     port = free_port()
-    env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url}
-    env.pop("DS2OAI_CONFIG", None)
     out_path = tmp_path / "out.log"
-    with out_path.open("wb") as out_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
-            stdout=out_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
+    proc = start_serve(["--port", str(port), "--workers", "2"], mock_upstream_url, out_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         url = f"http://127.0.0.1:{port}"
@@ -332,17 +323,9 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_worker_is_replaced_and_workers_end_with_their_parent(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "UPSTREAM_BASE_URL": f"http://127.0.0.1:{free_port()}"}
-    env.pop("DS2OAI_CONFIG", None)
     out_path = tmp_path / "out.log"
-    with out_path.open("wb") as out_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ds2oai", "serve", "--port", str(port), "--workers", "2"],
-            stdout=out_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
+    upstream = f"http://127.0.0.1:{free_port()}"
+    proc = start_serve(["--port", str(port), "--workers", "2"], upstream, out_path)
     workers: set[int] = set()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import time
 from typing import Any
 
@@ -13,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import GatewayFactory, free_port
+from tests.conftest import GatewayFactory, blackholed_port, free_port
 from tests.fault_upstream import (
     DONE,
     Close,
@@ -311,29 +309,15 @@ async def test_connection_refused_is_502_connect_failed(
 async def test_no_connection_within_connect_timeout_is_504_upstream_timeout(
     gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
-    # neither succeeds nor is refused.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        fillers = [socket.socket() for _ in range(2)]
-        for filler in fillers:
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-        try:
-            server = await gateway(
-                f"http://127.0.0.1:{port}",
-                upstream={"connect_timeout": 0.3},
-                retry={"max_retries": 1},
-            )
-            started = time.monotonic()
-            status, error, resp = await error_of(client, server.make_url("/v1/chat/completions"))
-            elapsed = time.monotonic() - started
-        finally:
-            for filler in fillers:
-                filler.close()
+    with blackholed_port() as port:
+        server = await gateway(
+            f"http://127.0.0.1:{port}",
+            upstream={"connect_timeout": 0.3},
+            retry={"max_retries": 1},
+        )
+        started = time.monotonic()
+        status, error, resp = await error_of(client, server.make_url("/v1/chat/completions"))
+        elapsed = time.monotonic() - started
     assert (status, error["type"], error["code"]) == (
         504,
         "upstream_connection_error",

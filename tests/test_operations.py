@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import time
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GatewayFactory, free_port
+from tests.conftest import GatewayFactory, blackholed_port, free_port
 from tests.fault_upstream import FaultUpstream, Head, Send, Sleep, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
 
@@ -263,25 +261,12 @@ async def test_readyz_reflects_upstream_reachability(
 async def test_readyz_gives_up_on_a_blackholed_upstream_within_two_seconds(
     gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    # A full accept queue: SYNs are dropped, so a connect neither succeeds nor fails.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        fillers = [socket.socket() for _ in range(2)]
-        for filler in fillers:
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-        try:
-            server = await gateway(f"http://127.0.0.1:{port}", upstream={"connect_timeout": 10.0})
-            started = time.monotonic()
-            async with client.get(server.make_url("/readyz")) as resp:
-                assert resp.status == 503
-            assert time.monotonic() - started < 3.0
-        finally:
-            for filler in fillers:
-                filler.close()
+    with blackholed_port() as port:
+        server = await gateway(f"http://127.0.0.1:{port}", upstream={"connect_timeout": 10.0})
+        started = time.monotonic()
+        async with client.get(server.make_url("/readyz")) as resp:
+            assert resp.status == 503
+        assert time.monotonic() - started < 3.0
 
 
 async def test_request_log_has_no_content_unless_configured(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_KEY, ROOT, free_port, wait_http
+from tests.conftest import CLIENT_KEY, ROOT, free_port, start_serve, wait_http
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLES = dict(
@@ -53,17 +52,10 @@ def test_the_worked_middleware_example_runs_as_written(
     config = tmp_path / "mytags.toml"
     config.write_text(MIDDLEWARE_CONFIG.group(1) + '[store]\nbackend = "memory"\n')
     port = free_port()
-    env = {**os.environ, "UPSTREAM_BASE_URL": mock_upstream_url}
-    env.pop("DS2OAI_CONFIG", None)
     log_path = tmp_path / "out.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ds2oai", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,  # where the README says to start it
-            env=env,
-        )
+    args = ["--config", str(config), "--port", str(port)]
+    # started in the directory holding mytags.py, as the README says
+    proc = start_serve(args, mock_upstream_url, log_path, cwd=tmp_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
