@@ -387,14 +387,35 @@ async def test_slot_released_when_cancelled_while_waiting_for_the_upstream() -> 
 async def test_a_long_stream_renews_its_lease() -> None:
     clock = Clock()
     limiter = MemoryLimiter(clock=clock, lease=10)
-    stage = KeyLimits(limiter, KeyRule(concurrent_streams=1), renew_every=3, clock=clock)
+    stage = KeyLimits(limiter, KeyRule(concurrent_streams=1), renew_every=0.01)
     reply = await stage(make_exchange("k1"), Upstream(parts=(b"a",) * 5))
     assert not isinstance(reply.body, bytes)
     for _ in range(5):
-        clock.now += 4  # 20 s in all, twice the lease; every item renews it
+        clock.now += 4  # 20 s in all, twice the lease; the timer renews it meanwhile
+        await asyncio.sleep(0.05)
         await anext(reply.body)
     assert limiter.streams_held("k1") == 1
     await reply.body.aclose()
+    assert limiter.streams_held("k1") == 0
+
+
+async def test_a_slow_answer_keeps_its_slot_before_its_first_byte() -> None:
+    # A non-streamed answer (or the wait for a stream's head) is longer than the lease: the
+    # timer renews the slot all along, so no second request gets in meanwhile.
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock, lease=10)
+    stage = KeyLimits(limiter, KeyRule(concurrent_streams=1), renew_every=0.01)
+
+    async def slow(exchange: Exchange) -> Reply:
+        for _ in range(5):
+            clock.now += 4
+            await asyncio.sleep(0.05)
+        assert limiter.streams_held("k1") == 1  # 20 s in, twice the lease
+        await refused(stage, make_exchange("k1"), Upstream())
+        return Reply(200, {}, b"done")
+
+    reply = await stage(make_exchange("k1"), slow)
+    assert reply.body == b"done"
     assert limiter.streams_held("k1") == 0
 
 

@@ -19,7 +19,8 @@ Not in the default chain; `build_middleware` refuses a config that sets limits w
 Fails: a backend error (Redis unreachable) is counted in `ds2oai_limits_backend_errors_total`
 and logged (at most every 10 s, never with the URL's password); `[limits] on_redis_error =
 "open"` then lets the request through uncounted, `"closed"` answers 503 `limits_unavailable`.
-A slot whose release failed expires with its lease (10 minutes; renewed while streaming).
+A slot whose release failed expires with its lease (90 s; while the request runs, a timer
+renews it every 30 s, from admission to the end of the answer, streamed or not).
 """
 
 from __future__ import annotations
@@ -156,27 +157,14 @@ class _GuardedBody(collections.abc.AsyncGenerator[bytes, None]):
     """`source`, calling `on_close` exactly once when it ends, fails or is closed.
 
     A class, not an async generator: an async generator closed before its first item never
-    runs its `finally`, and the slot would leak. `renew` runs between items every
-    `renew_every` seconds (a long stream keeps its concurrency lease). It needs none of the
-    items, so it passes the sink's `Downstream` on (`chain.passes_downstream`): a paced stream
-    behind per-key limits is spliced too, and a spliced `reframe` still yields (empty items)
-    often enough for the renewals.
+    runs its `finally`, and the slot would leak. It needs none of the items, so it passes the
+    sink's `Downstream` on (`chain.passes_downstream`): a paced stream behind per-key limits is
+    spliced too.
     """
 
-    def __init__(
-        self,
-        source: Body,
-        on_close: Callable[[], Awaitable[None]],
-        renew: Callable[[], Awaitable[None]] | None = None,
-        renew_every: float = DEFAULT_LEASE / 3,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, source: Body, on_close: Callable[[], Awaitable[None]]) -> None:
         self._source = source
         self._on_close = on_close
-        self._renew = renew
-        self._renew_every = renew_every
-        self._clock = clock
-        self._renewed = clock()
         self._closed = False
 
     @property
@@ -200,9 +188,6 @@ class _GuardedBody(collections.abc.AsyncGenerator[bytes, None]):
         except BaseException:
             await self.aclose()  # ended, failed or cancelled: give the slot back now
             raise
-        if self._renew is not None and self._clock() - self._renewed >= self._renew_every:
-            self._renewed = self._clock()
-            await self._renew()
         return item
 
     async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
@@ -303,8 +288,17 @@ class KeyLimits:
             return self._decorate(await call_next(exchange), headers)
 
         trace = exchange.trace
+        # The slot's lease is short (a stalled Redis or a dead process must not block a key
+        # for long): a timer renews it from here until `finish`, whatever the request waits on.
+        renewer = (
+            asyncio.ensure_future(self._keep_leased(key, lease, exchange.request_id))
+            if rule.concurrent_streams
+            else None
+        )
 
         async def finish() -> None:
+            if renewer is not None:
+                renewer.cancel()
             await self._finish(key, rule, lease, trace)
 
         try:
@@ -316,15 +310,17 @@ class KeyLimits:
             await finish()
             return self._decorate(reply, headers)
 
-        async def renew() -> None:
+        body = _GuardedBody(reply.body, finish)
+        return self._decorate(dataclasses.replace(reply, body=body), headers)
+
+    async def _keep_leased(self, key: str, lease: str, request_id: str) -> None:
+        """Renew the concurrency slot every `renew_every` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self._renew_every)
             try:
                 await self.limiter.renew(key, lease)
             except LimiterError as exc:
-                self._backend_failed("renew", exc, exchange.request_id)
-
-        renewal = renew if rule.concurrent_streams else None
-        body = _GuardedBody(reply.body, finish, renewal, self._renew_every, self._clock)
-        return self._decorate(dataclasses.replace(reply, body=body), headers)
+                self._backend_failed("renew", exc, request_id)
 
     async def _acquire(self, key: str, rule: KeyRule, lease: str) -> Decision:
         """`limiter.acquire`, shielded: if the client leaves while Redis is answering, a slot

@@ -138,10 +138,9 @@ _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 _MAX_JSON_ANSWER = 4 * 1024 * 1024
 # Seconds at most between two items once the stream started: when a splice runs that long, or
 # reads give the client nothing for that long, the body yields an empty item (which the sink
-# writes as nothing), so a `passes_downstream` wrapper (the per-key limits' body, whose lease
-# renewals run between items) gets a pull that often however the answer streams. Read at
-# each use (tests shorten it).
-_SPLICE_TURN = 20.0  # well under a third of the limits' lease (DEFAULT_LEASE, 90 s)
+# writes as nothing), so a `passes_downstream` wrapper (such as the per-key limits' body) gets a
+# pull that often however the answer streams. Read at each use (tests shorten it).
+_SPLICE_TURN = 60.0
 _NEVER = math.inf
 
 
