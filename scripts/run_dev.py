@@ -38,9 +38,11 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
 def _port_taken(host: str, port: int) -> bool:
     """Whether something already listens there (a server started earlier answers in its place,
     so waiting for our own would wrongly succeed)."""
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((host, port)) == 0
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:  # refused, unreachable, or a name that does not resolve: not taken
+        return False
+    return True
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:

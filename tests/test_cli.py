@@ -380,3 +380,37 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(workers: str) -> None:
     assert f"cannot serve on 127.0.0.1:{port}" in output
     assert "address already in use" in output
     assert "Traceback" not in output
+
+
+def test_a_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
+    upstream = f"http://127.0.0.1:{free_port()}"
+    proc = start_serve(["--port", str(free_port()), "--workers", "2"], upstream, tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 20
+        while not _workers_of(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # the workers were just spawned: still importing
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_have_their_own_process_group(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C goes to the foreground group: only the supervisor may get it (it
+    # passes one SIGTERM on), or a worker gets two signals and skips its drain.
+    port = free_port()
+    upstream = f"http://127.0.0.1:{free_port()}"
+    proc = start_serve(["--port", str(port), "--workers", "2"], upstream, tmp_path / "log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        deadline = time.monotonic() + 20
+        while len(workers := _workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) == 2
+        for worker in workers:
+            assert os.getpgid(worker) == worker != os.getpgid(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

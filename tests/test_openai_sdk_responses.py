@@ -168,6 +168,7 @@ def test_input_items_pages_with_after_and_before(served_gateway: str) -> None:
 
         assert page(after=ids[1]) == ids[2:]
         assert page(before=ids[3]) == ids[:3]
+        assert page(before=ids[4], limit="2") == ids[2:4]  # the page just before the cursor
         assert page(after=ids[0], before=ids[4]) == ids[1:4]
         assert page(before="msg_unknown") == []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from aiohttp import web
 
@@ -139,6 +141,9 @@ def _serve_one(config: Config) -> int:
 
 def _worker(config: Config, parent: int) -> None:
     """One of `--workers N`: ends with its parent, whatever way the parent goes."""
+    # Its own process group: a terminal's Ctrl-C (sent to the whole foreground group) reaches
+    # the supervisor only, which passes one SIGTERM on; a second signal would skip the drain.
+    os.setpgid(0, 0)
     _die_with_parent(parent)
     sys.exit(_serve_one(config))
 
@@ -150,8 +155,16 @@ def _die_with_parent(parent: int) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        prctl = libc.prctl
     except (OSError, AttributeError):
+        return
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        log.warning(
+            "cannot ask to end with the supervisor (prctl): this worker may outlive it",
+            extra={"errno": ctypes.get_errno()},
+        )
         return
     if os.getppid() != parent:  # the parent was already gone before the line above
         os.kill(os.getpid(), signal.SIGTERM)
@@ -207,33 +220,42 @@ def _supervise(config: Config) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
     failed = False
+    workers: list[multiprocessing.process.BaseProcess] = []  # the current ones
+    running: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}  # by sentinel
 
-    def start() -> multiprocessing.process.BaseProcess:
+    def start(replacing: multiprocessing.process.BaseProcess | None = None) -> None:
         worker = ctx.Process(target=_worker, args=(config, os.getpid()), daemon=False)
         worker.start()
-        started[worker.sentinel] = time.monotonic()
-        return worker
+        if replacing is None:
+            workers.append(worker)
+        else:
+            workers[workers.index(replacing)] = worker
+        running[worker.sentinel] = (worker, time.monotonic())
+        if stopping and worker.pid is not None:  # a signal came while it was starting
+            os.kill(worker.pid, signal.SIGTERM)
 
     def forward(signum: int, _frame: object) -> None:
         # Each worker drains its own streams on SIGTERM; a second signal is passed on too.
         nonlocal stopping
         stopping = True
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+        for worker, _ in list(running.values()):
+            if worker.pid is not None and worker.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):  # it ended in between
+                    os.kill(worker.pid, signal.SIGTERM)
 
-    started: dict[int, float] = {}
-    workers = [start() for _ in range(config.server.workers)]
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        while any(worker.is_alive() for worker in workers):
-            ended = multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()])
-            for worker in [w for w in workers if w.sentinel in ended]:
+        for _ in range(config.server.workers):
+            start()
+        while running:
+            # Every worker not yet handled, dead ones too (their sentinels are ready at once).
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                worker, since = running.pop(cast(int, sentinel))
                 worker.join()
                 if stopping:
                     continue
-                lived = time.monotonic() - started.pop(worker.sentinel)
+                lived = time.monotonic() - since
                 quick = lived < _QUICK_EXIT
                 log.error(
                     "a worker exited soon after it started; stopping"
@@ -244,11 +266,13 @@ def _supervise(config: Config) -> int:
                 if quick:
                     failed = True
                     forward(signal.SIGTERM, None)
-                    continue
-                workers[workers.index(worker)] = start()
+                else:
+                    start(replacing=worker)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 1 if failed or any(w.exitcode != 0 for w in workers) else 0
+    # While stopping, a worker still starting up may end by SIGTERM's default action.
+    clean = (0, -signal.SIGTERM) if stopping else (0,)
+    return 1 if failed or any(w.exitcode not in clean for w in workers) else 0
 
 
 def check_config(args: argparse.Namespace) -> int:

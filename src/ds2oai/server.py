@@ -569,7 +569,8 @@ async def responses_input_items(request: web.Request) -> web.Response:
         raise ClientError(
             400, "invalid_request_error", "invalid_limit", "'limit' is 1..100", param="limit"
         )
-    page = items[:limit]
+    # `before` alone pages backwards: the `limit` items just before the cursor.
+    page = items[-limit:] if before and not after else items[:limit]
     body = {
         "object": "list",
         "data": page,
