@@ -264,15 +264,17 @@ def spliced(taken: list[bytes], reads: set[bytes]) -> int:
     return len([read for read in taken if read in reads])
 
 
-async def over_a_raw_socket(port: int | None, version: bytes = b"1.1") -> bytes:
-    """A streamed request that ends the connection after the answer; every byte of it."""
+async def over_a_raw_socket(
+    port: int | None, version: bytes = b"1.1", connection: bytes = b"close"
+) -> bytes:
+    """A streamed request; every byte until the server ends the connection."""
     assert port is not None
     payload = json.dumps(body(stream=True)).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/%b\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /v1/chat/completions HTTP/%b\r\nHost: x\r\nConnection: %b\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-        % (version, len(payload), payload)
+        % (version, connection, len(payload), payload)
     )
     try:
         return await asyncio.wait_for(reader.read(), 10)
@@ -647,15 +649,19 @@ async def test_a_lagging_client_gets_every_byte_in_order(
     assert deltas == tokens
 
 
+@pytest.mark.parametrize("connection", [b"close", b"keep-alive"])
 async def test_an_http_1_0_client_gets_the_unframed_stream(
-    fault_upstream: FaultUpstream, gateway: GatewayFactory, taken: list[bytes]
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, taken: list[bytes], connection: bytes
 ) -> None:
     fault_upstream.queue(sse_script(text_events(TOKENS), delay=PACE))
     server = await gateway(fault_upstream.url)
-    raw = await over_a_raw_socket(server.port, b"1.0")  # the body ends with the connection
+    # The body ends with the connection, even when the client asked to keep it alive: there
+    # is no other way to mark its end in HTTP/1.0.
+    raw = await over_a_raw_socket(server.port, b"1.0", connection)
     head, _, stream = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200")
     assert b"transfer-encoding" not in head.lower()
+    assert b"connection: keep-alive" not in head.lower()
     events = parse_events(stream)
     assert spec_text(events) == TEXT
     assert events[-1].event == "response.completed"

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import AsyncGeneratorType
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
@@ -259,6 +259,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             "body_too_large",
             f"The request body is over {limit} bytes",
         ) from None
+    except web.RequestPayloadError:  # a Content-Encoding the body does not match, say
+        raise ClientError(
+            400,
+            "invalid_request_error",
+            "invalid_body_encoding",
+            "The request body could not be decoded as its Content-Encoding says",
+            headers={"Connection": "close"},
+        ) from None
 
 
 class _StreamedReply(web.StreamResponse):
@@ -357,6 +365,10 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         except StopAsyncIteration:
             first = None
         response = _StreamedReply(status=reply.status, headers=headers)
+        if request.version < HttpVersion11:
+            # HTTP/1.0 has no chunking: the end of the connection is the end of the stream,
+            # even when the client asked to keep it alive.
+            response.force_close()
         request[_PREPARED] = True
         stream_writer = await response.prepare(request)
         direct = (
