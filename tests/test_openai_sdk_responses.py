@@ -218,6 +218,43 @@ def test_non_streaming_broken_upstream_is_an_http_error(served_gateway: str) -> 
         )
 
 
+@pytest.mark.parametrize(
+    ("events", "code", "message"),
+    [
+        (
+            [b'data: {"error": {"code": "invalid_x", "message": "bad thing"}}\n\n'],
+            "invalid_x",
+            "bad thing",
+        ),
+        (
+            [
+                chunk("Hel", role="assistant"),
+                chunk("lo", finish_reason="insufficient_system_resource"),
+                DONE,
+            ],
+            "insufficient_system_resource",
+            "insufficient system resource",
+        ),
+    ],
+)
+async def test_non_streaming_upstream_errors_keep_the_upstreams_code(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    events: list[bytes],
+    code: str,
+    message: str,
+) -> None:
+    # As both chat routes answer them: the upstream's code, not a generic one.
+    fault_upstream.queue(sse_script(events))
+    server = await gateway(fault_upstream.url)
+    base_url = str(server.make_url("/openai/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as sdk_client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await sdk_client.responses.create(model="deepseek-chat", input="Hello")
+    assert caught.value.code == code
+    assert message in str(caught.value.message)
+
+
 def test_rate_limit_raises_rate_limit_error(served_gateway: str) -> None:
     with sdk(served_gateway) as client, pytest.raises(openai.RateLimitError):
         client.responses.create(

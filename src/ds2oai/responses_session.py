@@ -103,5 +103,6 @@ class _Collector:
         if outcome == "timeout":
             raise broken_error(message, timeout=True)
         if outcome == "upstream_error":
-            raise ClientError(502, "upstream_error", "upstream_error", message)
+            code, message = self._dialect.upstream_error or ("upstream_error", message)
+            raise ClientError(502, "upstream_error", code, message)
         raise broken_error(message)

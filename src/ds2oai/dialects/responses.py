@@ -248,6 +248,7 @@ class ResponsesDialect:
         "_seq",
         "_state",
         "_status",
+        "_upstream_error",
         "_usage",
     )
 
@@ -281,6 +282,7 @@ class ResponsesDialect:
         self._error: dict[str, Any] | None = None
         self._incomplete: dict[str, Any] | None = None
         self._outcome: str | None = None
+        self._upstream_error: tuple[str, str] | None = None
 
     # --- the Dialect protocol -------------------------------------------------------------
 
@@ -296,6 +298,12 @@ class ResponsesDialect:
     @property
     def outcome(self) -> str | None:
         return self._outcome
+
+    @property
+    def upstream_error(self) -> tuple[str, str] | None:
+        """(code, message) of the upstream's error when the outcome is `upstream_error`, as the
+        chat routes answer it when nothing was sent yet."""
+        return self._upstream_error
 
     def feed(self, event: UpstreamEvent) -> bytes:
         if self._state is _State.ENDED:
@@ -320,6 +328,7 @@ class ResponsesDialect:
             outcome = "timeout" if event.timeout else "upstream_broken"
             return out + self._failed(outcome, event.message)
         if isinstance(event, UpstreamErrorEvent):
+            self._upstream_error = (event.code, sanitize_message(event.message))
             message = sanitize_message(f"Upstream error ({event.code}): {event.message}")
             return out + self._failed("upstream_error", message)
         raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
@@ -580,6 +589,7 @@ class ResponsesDialect:
         if finish in ("stop", "tool_calls"):
             return self._end("completed", "response.completed", "completed")
         if finish == "insufficient_system_resource":
+            self._upstream_error = ("insufficient_system_resource", CUT_MESSAGE)
             return self._failed("upstream_error", CUT_MESSAGE)
         reason = "content_filter" if finish == "content_filter" else "max_output_tokens"
         self._incomplete = {"reason": reason}
