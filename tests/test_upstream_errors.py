@@ -289,17 +289,18 @@ def test_long_upstream_message_is_bounded() -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b'{"error": {"code": "c", "message": "m"}}', ("c", "m", True)),
-        (b'{"error": {"code": 7}}', ("7", None, True)),
-        (b'{"code": "c", "message": "m"}', ("c", "m", True)),
-        (b'{"error": "text"}', (None, "text", True)),
-        (b"[1, 2]", (None, None, True)),
-        (b"", (None, None, False)),
-        (b"plain text", (None, "plain text", False)),
+        (b'{"error": {"code": "c", "message": "m", "param": "p"}}', ("c", "m", "p")),
+        (b'{"error": {"code": 7}}', ("7", None, None)),
+        (b'{"error": {"code": {"x": 1}, "param": 3}}', (None, None, None)),
+        (b'{"code": "c", "message": "m"}', ("c", "m", None)),
+        (b'{"error": "text"}', (None, "text", None)),
+        (b"[1, 2]", (None, None, None)),
+        (b"", (None, None, None)),
+        (b"plain text", (None, "plain text", None)),
     ],
 )
 def test_upstream_error_fields_reads_any_shape(
-    body: bytes, expected: tuple[str | None, str | None, bool]
+    body: bytes, expected: tuple[str | None, str | None, str | None]
 ) -> None:
     assert upstream_error_fields(body) == expected
 

@@ -29,6 +29,7 @@ __all__ = [
     "UpstreamErrorEvent",
     "UpstreamEvent",
     "choice_delta",
+    "error_code",
     "parse_upstream_event",
 ]
 
@@ -134,8 +135,8 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _code(value: Any) -> str | None:
-    """An error code as a string: a non-empty string or an integer, else none."""
+def error_code(value: Any) -> str | None:
+    """An upstream error's code as a string: a non-empty string or an integer, else none."""
     if isinstance(value, str):
         return value or None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -184,7 +185,9 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     error = obj.get("error")
     if error:
         if isinstance(error, dict):
-            code = _code(error.get("code")) or _code(error.get("type")) or "upstream_error"
+            code = (
+                error_code(error.get("code")) or error_code(error.get("type")) or "upstream_error"
+            )
             message = error.get("message") or "Upstream reported an error"
             return UpstreamErrorEvent(code, str(message))
         return UpstreamErrorEvent("upstream_error", str(error))

@@ -23,6 +23,7 @@ from ds2oai.errors import (
     UpstreamStreamError,
     UpstreamTimeoutError,
 )
+from ds2oai.events import error_code
 from ds2oai.store.base import StoreError
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "broken_error",
     "client_error_for",
     "error_from_upstream",
+    "retry_after_headers",
     "retry_after_value",
     "sanitize_code",
     "sanitize_message",
@@ -66,29 +68,27 @@ def sanitize_code(code: str, secrets: tuple[str, ...] = ()) -> str:
     return clean.strip()[:MAX_CODE]
 
 
-def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, bool]:
-    """(code, message, is_json) from an upstream error body, whatever its shape; a code that
-    is neither a string nor an integer is no code. Both unsanitized: the caller cleans them."""
+def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(code, message, param) from an upstream error body, whatever its shape; a code that is
+    neither a string nor an integer is no code. Unsanitized: the caller cleans them."""
     try:
         obj: Any = jsonutil.loads(body.strip() or b"null")
     except jsonutil.JSONDecodeError:
         text = body.decode("utf-8", "replace").strip()
-        return None, text or None, False
+        return None, text or None, None
     if isinstance(obj, dict):
         error = obj.get("error", obj)
         if isinstance(error, dict):
-            code = error.get("code")
             message = error.get("message")
-            if isinstance(code, int) and not isinstance(code, bool):
-                code = str(code)
+            param = error.get("param")
             return (
-                code if isinstance(code, str) and code else None,
+                error_code(error.get("code")),
                 str(message) if message is not None else None,
-                True,
+                param if isinstance(param, str) and param else None,
             )
         if isinstance(error, str):
-            return None, error, True
-    return None, None, obj is not None
+            return None, error, None
+    return None, None, None
 
 
 def error_from_upstream(
@@ -104,7 +104,7 @@ def error_from_upstream(
 
     `retried`: the gateway gave up on it after retrying; a 502 then says `x-should-retry:
     false` (a 429 keeps its `Retry-After`, which already paces the client)."""
-    code, message, _is_json = upstream_error_fields(body)
+    code, message, param = upstream_error_fields(body)
     code = (sanitize_code(code, secrets) or None) if code else None
     clean = sanitize_message(message, secrets) if message else None
     if status in (401, 403):
@@ -122,7 +122,7 @@ def error_from_upstream(
             "rate_limit_error",
             "rate_limit",
             clean or "The upstream rate limit was reached",
-            headers=_retry_after_headers(retry_after),
+            headers=retry_after_headers(retry_after),
         )
     if status == 402:
         return ClientError(
@@ -138,7 +138,7 @@ def error_from_upstream(
             "invalid_request_error",
             code or "invalid_request_error",
             clean or "The upstream rejected the request",
-            param=_upstream_param(body, secrets),
+            param=(sanitize_code(param, secrets) or None) if param else None,
         )
     if status == 404:
         return ClientError(
@@ -151,7 +151,7 @@ def error_from_upstream(
         hints: Mapping[str, str] = _NO_RETRY
     else:  # the upstream's own hint of when to come back (a 503's Retry-After), if it gave one
         hinted = retry_after_value(headers, -1.0)
-        hints = _retry_after_headers(hinted) if hinted >= 0 else {}
+        hints = retry_after_headers(hinted) if hinted >= 0 else {}
     return ClientError(
         502,
         "upstream_connection_error",
@@ -164,24 +164,13 @@ def error_from_upstream(
 _NO_RETRY: Mapping[str, str] = {"x-should-retry": "false"}
 
 
-def _retry_after_headers(seconds: float) -> dict[str, str]:
+def retry_after_headers(seconds: float) -> dict[str, str]:
     """`Retry-After` in whole seconds (rounded up, at least 1) and, when above zero, the exact
     `retry-after-ms` the openai SDKs prefer (they ignore 0 and fall back to their backoff)."""
     headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
     if seconds > 0:
         headers["retry-after-ms"] = str(max(1, round(seconds * 1000)))
     return headers
-
-
-def _upstream_param(body: bytes, secrets: tuple[str, ...]) -> str | None:
-    """The request field an upstream 400/422 names (`error.param`), if it names one."""
-    try:
-        obj: Any = jsonutil.loads(body.strip() or b"null")
-    except jsonutil.JSONDecodeError:
-        return None
-    error = obj.get("error") if isinstance(obj, dict) else None
-    param = error.get("param") if isinstance(error, dict) else None
-    return sanitize_message(param, secrets)[:100] if isinstance(param, str) and param else None
 
 
 def retry_after_value(headers: Mapping[str, str], default: float) -> float:

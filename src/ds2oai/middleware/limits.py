@@ -48,6 +48,7 @@ from ds2oai.limits import (
 )
 from ds2oai.metrics import LIMITS_BACKEND_ERRORS, LIMITS_REFUSED
 from ds2oai.middleware.auth import key_id
+from ds2oai.upstream_errors import retry_after_headers
 
 __all__ = ["ANONYMOUS", "KeyLimits", "openai_duration", "rules_from_config"]
 
@@ -130,7 +131,7 @@ def _headers(rule: KeyRule, decision: Decision) -> dict[str, str]:
 def _refusal(rule: KeyRule, decision: Decision, headers: Mapping[str, str]) -> ClientError:
     reason = decision.refused or "requests"
     wait = max(0.0, decision.retry_after)
-    retry = {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(round(wait * 1000))}
+    retry = retry_after_headers(wait)
     when = openai_duration(wait)
     if reason == "requests":
         message = (
