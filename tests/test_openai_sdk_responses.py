@@ -211,6 +211,35 @@ def test_broken_stream_ends_in_response_failed(served_gateway: str) -> None:
     assert sum(e.type in ("response.completed", "response.failed") for e in events) == 1
 
 
+def test_failed_stream_is_stored_as_failed_and_cannot_be_continued(served_gateway: str) -> None:
+    with sdk(served_gateway) as client:
+        with client.responses.stream(
+            model="deepseek-chat", input="Hello", extra_body={"test_mode": "stream_error"}
+        ) as stream:
+            events = list(stream)
+        assert events[-1].type == "response.failed"
+        failed = events[-1].response
+        fetched = client.responses.retrieve(failed.id)
+        assert fetched.status == "failed"
+        assert fetched.error is not None
+        assert failed.error is not None
+        assert fetched.error.message == failed.error.message
+        # What the client saw before the failure is kept, marked as cut off.
+        assert fetched.output_text == "".join(NORMAL_TOKENS[:3])
+        assert [getattr(item, "status", None) for item in fetched.output] == ["incomplete"]
+        items = client.responses.input_items.list(failed.id)
+        assert [getattr(i, "role", None) for i in items.data] == ["user"]
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(
+                model="deepseek-chat", input="Go on", previous_response_id=failed.id
+            )
+        assert info.value.code == "previous_response_failed"
+        assert info.value.param == "previous_response_id"
+        client.responses.delete(failed.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(failed.id)
+
+
 def test_non_streaming_broken_upstream_is_an_http_error(served_gateway: str) -> None:
     with sdk(served_gateway) as client, pytest.raises(openai.InternalServerError):
         client.responses.create(

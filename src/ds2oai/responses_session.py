@@ -56,13 +56,22 @@ class ResponsesSession:
         return _Collector(self.dialect)
 
     async def save(self) -> None:
-        """Keep the finished response and its conversation (`store`, default true)."""
-        if not self.request.store or self.dialect.outcome != "completed":
+        """Keep the ended response and its conversation (`store`, default true).
+
+        A failed stream is kept too, status `failed` with its error and whatever output came
+        before the failure, so `GET /v1/responses/{id}` answers for every id a client saw. Its
+        conversation is not kept: a turn cut short cannot be continued (see server.py), so the
+        client continues from the response before it instead of from a silently shortened one.
+        """
+        outcome = self.dialect.outcome
+        if not self.request.store or outcome is None:
             return
-        assistant = self.dialect.assistant_message()
-        messages = [*self._history, *self.request.new_messages]
-        if assistant is not None:
-            messages.append(assistant)
+        messages: list[dict[str, Any]] = []
+        if outcome == "completed":
+            messages = [*self._history, *self.request.new_messages]
+            assistant = self.dialect.assistant_message()
+            if assistant is not None:
+                messages.append(assistant)
         await self._store.put(
             StoredResponse(
                 id=self.response_id,

@@ -506,6 +506,15 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
                 f"Previous response with id {previous!r} not found",
                 param="previous_response_id",
             )
+        if stored.response.get("status") == "failed":
+            raise ClientError(
+                400,
+                "invalid_request_error",
+                "previous_response_failed",
+                f"Previous response with id {previous!r} failed and cannot be continued; "
+                "continue from the response before it",
+                param="previous_response_id",
+            )
         history = stored.messages
     parsed = parse_responses_request(body, config.models, history=history, unseal=app[SEALER].open)
     session = ResponsesSession(
