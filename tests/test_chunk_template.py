@@ -133,6 +133,8 @@ def test_anything_but_a_plain_text_chunk_does_not_match(other: bytes | str) -> N
         # valid JSON over two lines: no one-line `data:` event could carry it
         payload("x").replace(b", ", b",\n", 1),
         payload("x").replace(b", ", b",\r", 1),
+        # logprobs belong to their own chunk: a template would drop them (any shape of them)
+        payload("x").replace(b'"logprobs": null', b'"logprobs": {"tokens": ["x"]}'),
     ],
 )
 def test_learns_only_from_an_unambiguous_plain_text_chunk(raw: bytes) -> None:

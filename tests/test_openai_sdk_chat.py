@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import openai
 import pytest
 
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT, NORMAL_TOKENS, REASONING_TEXT
-from tests.conftest import CLIENT_KEY
+from tests.conftest import CLIENT_KEY, GatewayFactory
+from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script
 
 
 def sdk(base: str) -> openai.OpenAI:
@@ -170,3 +174,62 @@ async def test_async_client_streams(served_gateway: str) -> None:
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == NORMAL_TEXT
+
+
+def _logprobs(token: str) -> dict[str, Any]:
+    entry = {"token": token, "logprob": -0.25, "bytes": list(token.encode()), "top_logprobs": []}
+    return {"content": [entry]}
+
+
+def _chunk_with_logprobs(token: str, *, role: str | None = None) -> bytes:
+    delta: dict[str, Any] = {"content": token}
+    if role is not None:
+        delta["role"] = role
+    choice = {"index": 0, "delta": delta, "logprobs": _logprobs(token), "finish_reason": None}
+    obj = {"id": "up-1", "object": "chat.completion.chunk", "created": 1700000000,
+           "model": "deepseek-chat", "choices": [choice], "usage": None}  # fmt: skip
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+LOGPROB_TOKENS = ["Hel", "lo", " there", "!"]
+LOGPROB_EVENTS = [
+    _chunk_with_logprobs(LOGPROB_TOKENS[0], role="assistant"),
+    *[_chunk_with_logprobs(token) for token in LOGPROB_TOKENS[1:]],
+    chunk("", finish_reason="stop"),
+    DONE,
+]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_logprobs_reach_the_client(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool
+) -> None:
+    # Every chunk but the first repeats the one before except for its text and its logprobs:
+    # the byte path must not take them for plain text chunks and drop the logprobs.
+    fault_upstream.queue(sse_script(LOGPROB_EVENTS))
+    server = await gateway(fault_upstream.url)
+    base_url = str(server.make_url("/openai/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        if stream:
+            chunks = [
+                c
+                async for c in await client.chat.completions.create(
+                    model="deepseek-chat", messages=MESSAGES, stream=True, logprobs=True
+                )
+            ]
+            choices = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+            assert [c.delta.content for c in choices] == LOGPROB_TOKENS
+            tokens = [[e.token for e in (c.logprobs.content or [])] for c in choices if c.logprobs]
+            assert tokens == [[token] for token in LOGPROB_TOKENS]
+        else:
+            completion = await client.chat.completions.create(
+                model="deepseek-chat", messages=MESSAGES, logprobs=True
+            )
+            logprobs = completion.choices[0].logprobs
+            assert completion.choices[0].message.content == "".join(LOGPROB_TOKENS)
+            assert logprobs is not None
+            assert logprobs.content is not None
+            assert [e.token for e in logprobs.content] == LOGPROB_TOKENS
+            assert logprobs.content[1].logprob == -0.25
+    sent = fault_upstream.requests[-1].json
+    assert sent["logprobs"] is True

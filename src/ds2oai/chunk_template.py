@@ -209,12 +209,13 @@ def _function(document: Any) -> Any:
 
 
 def _nothing_else(chunk: Chunk) -> bool:
-    """What every kind a template stands for shares: a choice, and no finish, usage or new
-    role beside the one text (the callers check the delta's texts and tool calls)."""
+    """What every kind a template stands for shares: a choice, and no finish, usage, logprobs
+    or new role beside the one text (the callers check the delta's texts and tool calls)."""
     return (
         chunk.has_choice
         and chunk.finish_reason is None
         and chunk.usage is None
+        and chunk.logprobs is None
         and chunk.role in (None, "assistant")
     )
 

@@ -63,6 +63,8 @@ class Chunk:
     usage: dict[str, Any] | None = None
     has_choice: bool = True
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The choice's `logprobs` (when the client asked for them), passed on as sent.
+    logprobs: Any = None
 
 
 @dataclass(slots=True)
@@ -195,9 +197,11 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
     choice = choices[0] if isinstance(choices, list) and choices else None
     delta: dict[str, Any] = {}
     finish: str | None = None
+    logprobs: Any = None
     if not isinstance(choice, dict):
         choice = None
     else:
+        logprobs = choice.get("logprobs")
         d = choice_delta(choice)
         delta = d if isinstance(d, dict) else {}
         # "" is no finish: some OpenAI-compatible servers send it on every chunk.
@@ -225,4 +229,5 @@ def parse_upstream_event(data: str) -> Chunk | UpstreamErrorEvent | Done:
         usage if type(usage) is dict else None,
         choice is not None,
         obj,
+        logprobs,
     )

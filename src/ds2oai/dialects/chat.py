@@ -109,6 +109,7 @@ class ChatDialect(ChunkDialect):
             and chunk.content is not None
             and chunk.reasoning is None
             and not chunk.tool_calls
+            and chunk.logprobs is None
         ):
             # The common chunk: only its text differs from the last one; splice pre-encoded bytes.
             return self._text_head + jsonutil.dumps(chunk.content) + self._text_tail
@@ -139,10 +140,15 @@ class ChatDialect(ChunkDialect):
                 calls.append(item)
             delta["tool_calls"] = calls
         out = b""
-        if delta or finish is not None:
+        if delta or finish is not None or chunk.logprobs is not None:
             if finish is not None:
                 self._state = State.FINISHING
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": chunk.logprobs,
+                "finish_reason": finish,
+            }
             out = encode_data(jsonutil.dumps(self._envelope([choice])))
         if cut:
             return out + self._end_error(

@@ -2,7 +2,7 @@
 
 The upstream is always called with `stream: true`, so streaming and non-streaming requests
 share one path; this state machine accumulates content, `reasoning_content`, tool calls,
-finish_reason and usage, and `result()` returns the object or raises the `ClientError` the
+logprobs, finish_reason and usage, and `result()` returns the object or raises the `ClientError` the
 client must see (nothing was sent yet, so every failure is a plain HTTP error). Plain text,
 thinking and tool-call arguments chunks may come as `TextDelta` / `ReasoningDelta` /
 `ArgumentsDelta` (the byte path's events): their JSON string literals are decoded one by one,
@@ -53,6 +53,7 @@ class CompletionCollector:
         self._tools: dict[int, _ToolCall] = {}
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._logprobs: dict[str, Any] | None = None
         self._error: ClientError | None = None
         self._ended = False
 
@@ -108,6 +109,8 @@ class CompletionCollector:
             return
         if chunk.content:
             self._content.append(chunk.content)
+        if isinstance(chunk.logprobs, dict):
+            self._add_logprobs(chunk.logprobs)
         if chunk.reasoning is not None:
             if self._reasoning is None:
                 self._reasoning = []
@@ -125,6 +128,21 @@ class CompletionCollector:
             )
         elif chunk.finish_reason is not None:
             self._finish = chunk.finish_reason
+
+    def _add_logprobs(self, logprobs: dict[str, Any]) -> None:
+        # Each chunk's `logprobs` lists its own tokens (`content`, and so on); the whole
+        # answer's lists are those lists joined, in order, as a non-streamed answer gives them.
+        if self._logprobs is None:
+            self._logprobs = {}
+        for key, value in logprobs.items():
+            kept = self._logprobs.get(key)
+            if isinstance(value, list):
+                if isinstance(kept, list):
+                    kept.extend(value)
+                else:
+                    self._logprobs[key] = list(value)
+            elif kept is None:
+                self._logprobs[key] = value
 
     def result(self) -> dict[str, Any]:
         """The `chat.completion` object; raises the client's error if the stream failed."""
@@ -157,7 +175,7 @@ class CompletionCollector:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": self._logprobs,
                     "finish_reason": self._finish,
                 }
             ],
