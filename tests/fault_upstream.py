@@ -182,11 +182,13 @@ def chunk(
     created: int = 1700000000,
     reasoning: str | None = None,
     choices: bool = True,
+    logprobs: Mapping[str, Any] | None = None,
 ) -> bytes:
     """One DeepSeek ``chat.completion.chunk`` SSE event: ``data: {json}\\n\\n``.
 
     The delta holds ``role`` / ``content`` / ``reasoning_content`` (only those given);
-    ``choices=False`` gives ``"choices": []`` (a usage-only chunk)."""
+    ``choices=False`` gives ``"choices": []`` (a usage-only chunk); ``logprobs`` is the
+    choice's ``logprobs`` as sent."""
     delta: dict[str, Any] = {}
     if role is not None:
         delta["role"] = role
@@ -201,7 +203,7 @@ def chunk(
         "model": model,
         "system_fingerprint": "fp_fault",
         "choices": (
-            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
             if choices
             else []
         ),
@@ -643,3 +645,9 @@ class FaultUpstream(LoopbackService):
             with suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.writer.transport.abort()
+
+
+def token_logprobs(token: str, logprob: float = -0.25) -> dict[str, Any]:
+    """A chunk's ``logprobs`` for one answer token, as DeepSeek sends them when asked."""
+    entry = {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+    return {"content": [entry]}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import openai
 import pytest
 
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT, NORMAL_TOKENS, REASONING_TEXT
 from tests.conftest import CLIENT_KEY, GatewayFactory
-from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script
+from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script, token_logprobs
 
 
 def sdk(base: str) -> openai.OpenAI:
@@ -176,25 +173,10 @@ async def test_async_client_streams(served_gateway: str) -> None:
     assert text == NORMAL_TEXT
 
 
-def _logprobs(token: str) -> dict[str, Any]:
-    entry = {"token": token, "logprob": -0.25, "bytes": list(token.encode()), "top_logprobs": []}
-    return {"content": [entry]}
-
-
-def _chunk_with_logprobs(token: str, *, role: str | None = None) -> bytes:
-    delta: dict[str, Any] = {"content": token}
-    if role is not None:
-        delta["role"] = role
-    choice = {"index": 0, "delta": delta, "logprobs": _logprobs(token), "finish_reason": None}
-    obj = {"id": "up-1", "object": "chat.completion.chunk", "created": 1700000000,
-           "model": "deepseek-chat", "choices": [choice], "usage": None}  # fmt: skip
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
 LOGPROB_TOKENS = ["Hel", "lo", " there", "!"]
 LOGPROB_EVENTS = [
-    _chunk_with_logprobs(LOGPROB_TOKENS[0], role="assistant"),
-    *[_chunk_with_logprobs(token) for token in LOGPROB_TOKENS[1:]],
+    chunk(LOGPROB_TOKENS[0], role="assistant", logprobs=token_logprobs(LOGPROB_TOKENS[0])),
+    *[chunk(token, logprobs=token_logprobs(token)) for token in LOGPROB_TOKENS[1:]],
     chunk("", finish_reason="stop"),
     DONE,
 ]

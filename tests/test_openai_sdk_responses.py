@@ -17,7 +17,7 @@ from openai.types.responses import ResponseFunctionToolCall, ResponseReasoningIt
 
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT, NORMAL_TOKENS, REASONING_TEXT
 from tests.conftest import CLIENT_KEY, GatewayFactory
-from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script
+from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script, token_logprobs
 
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -410,3 +410,44 @@ async def test_tampered_encrypted_content_is_rejected(
                 ],
             )
     assert fault_upstream.requests == []
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_output_text_logprobs_when_included(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool
+) -> None:
+    tokens = ["Hel", "lo", "!"]
+    fault_upstream.queue(
+        sse_script(
+            [
+                chunk(tokens[0], role="assistant", logprobs=token_logprobs(tokens[0])),
+                *[chunk(token, logprobs=token_logprobs(token, -1.5)) for token in tokens[1:]],
+                chunk("", finish_reason="stop"),
+                DONE,
+            ]
+        )
+    )
+    server = await gateway(fault_upstream.url)
+    base_url = str(server.make_url("/openai/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        request: Any = {
+            "model": "deepseek-chat",
+            "input": "Hello",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+        }
+        if stream:
+            async with client.responses.stream(**request) as events:
+                deltas = [e async for e in events if e.type == "response.output_text.delta"]
+                final = await events.get_final_response()
+            assert [[lp.token for lp in e.logprobs] for e in deltas] == [[t] for t in tokens]
+        else:
+            final = await client.responses.create(**request)
+    message = final.output[0]
+    assert message.type == "message"
+    part = message.content[0]
+    assert part.type == "output_text"
+    assert [lp.token for lp in part.logprobs or []] == tokens
+    assert [lp.logprob for lp in part.logprobs or []] == [-0.25, -1.5, -1.5]
+    sent = fault_upstream.requests[-1].json
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)

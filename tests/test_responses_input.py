@@ -35,7 +35,6 @@ RESPONSES_ONLY = (
     "service_tier",
     "stream_options",
     "max_tool_calls",
-    "top_logprobs",
     "user",
     "max_output_tokens",
 )
@@ -786,7 +785,6 @@ def test_responses_only_fields_never_reach_upstream() -> None:
         "service_tier": "auto",
         "stream_options": {"include_obfuscation": False},
         "max_tool_calls": 3,
-        "top_logprobs": 2,
         "user": "u",
         "max_output_tokens": 100,
     }
@@ -805,6 +803,27 @@ def test_responses_only_fields_never_reach_upstream() -> None:
         "reasoning_effort",
         "user_id",
     }
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, {}),
+        ({"top_logprobs": 0}, {}),
+        ({"include": ["message.output_text.logprobs"]}, {"logprobs": True}),
+        ({"top_logprobs": 3}, {"logprobs": True, "top_logprobs": 3}),
+        (
+            {"include": ["message.output_text.logprobs"], "top_logprobs": 2},
+            {"logprobs": True, "top_logprobs": 2},
+        ),
+    ],
+)
+def test_output_text_logprobs_map_to_deepseeks(
+    extra: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    upstream = parse({"input": "x", **extra}).upstream_body
+    got = {k: upstream[k] for k in ("logprobs", "top_logprobs") if k in upstream}
+    assert got == expected
 
 
 def test_echo_repeats_the_fields_the_client_set() -> None:

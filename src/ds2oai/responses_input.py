@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+TEXT_LOGPROBS = "message.output_text.logprobs"
 
 # DeepSeek chat fields a Responses client may add (openai SDK: `extra_body`); sent as given.
 # The Responses mapping below wins where both set the same field.
@@ -232,6 +233,12 @@ def parse_responses_request(
         if body.get(ours) is not None:
             upstream[theirs] = body[ours]
     _map_reasoning(body.get("reasoning"), upstream)
+    # Log probabilities of the answer's tokens: DeepSeek's chat `logprobs` / `top_logprobs`.
+    top_logprobs = body.get("top_logprobs")
+    if TEXT_LOGPROBS in (include or ()) or top_logprobs:
+        upstream["logprobs"] = True
+        if top_logprobs:
+            upstream["top_logprobs"] = top_logprobs
     user = body.get("safety_identifier") or body.get("user")
     if isinstance(user, str) and _USER_ID.fullmatch(user) and "user_id" not in upstream:
         upstream["user_id"] = user

@@ -148,6 +148,7 @@ class _Item:
         "id",
         "index",
         "kind",
+        "logprobs",
         "name",
         "parts",
         "status",
@@ -159,6 +160,7 @@ class _Item:
         self.id = item_id
         self.status = "in_progress"
         self.parts: list[str] = []  # text, reasoning text or argument fragments
+        self.logprobs: list[Any] = []  # a message's token log probabilities, when asked for
         self.call_id = ""
         self.name = ""
         self.encrypted: str | None = None
@@ -173,7 +175,12 @@ class _Item:
         """The content part of a reasoning or message item, as of now."""
         if self.kind == "reasoning":
             return {"type": "reasoning_text", "text": self.text}
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+        return {
+            "type": "output_text",
+            "text": self.text,
+            "annotations": [],
+            "logprobs": self.logprobs,
+        }
 
     def to_json(self, *, announce: bool = False) -> dict[str, Any]:
         """The item as `response.output` holds it (`announce`: as `output_item.added` shows it)."""
@@ -406,7 +413,7 @@ class ResponsesDialect:
         if chunk.reasoning:
             out += self._text("reasoning", chunk.reasoning)
         if chunk.content:
-            out += self._text("message", chunk.content)
+            out += self._text("message", chunk.content, _token_logprobs(chunk.logprobs))
         for delta in chunk.tool_calls:
             out += self._tool_call(delta)
         finish = chunk.finish_reason
@@ -427,7 +434,7 @@ class ResponsesDialect:
             self._open = item
         return item, out
 
-    def _text(self, kind: str, delta: str) -> bytes:
+    def _text(self, kind: str, delta: str, logprobs: list[Any] | None = None) -> bytes:
         """A reasoning or content delta: open the item (and its one part) if needed."""
         item = self._open
         out = b""
@@ -444,7 +451,11 @@ class ResponsesDialect:
         fields = {**self._where(item), "delta": delta}
         if kind == "reasoning":
             return out + self._emit("response.reasoning_text.delta", fields)
-        return out + self._emit("response.output_text.delta", {**fields, "logprobs": []})
+        if logprobs:
+            item.logprobs.extend(logprobs)
+        return out + self._emit(
+            "response.output_text.delta", {**fields, "logprobs": logprobs or []}
+        )
 
     def _literal(self, kind: str, literal: bytes) -> bytes:
         """A chunk holding nothing but this text (a valid JSON string literal): what `_chunk`
@@ -576,7 +587,8 @@ class ResponsesDialect:
                 out += self._emit("response.reasoning_text.done", {**where, "text": item.text})
             else:
                 out += self._emit(
-                    "response.output_text.done", {**where, "text": item.text, "logprobs": []}
+                    "response.output_text.done",
+                    {**where, "text": item.text, "logprobs": item.logprobs},
                 )
             out += self._emit("response.content_part.done", {**where, "part": item.part()})
         return out + self._emit(
@@ -612,3 +624,13 @@ class ResponsesDialect:
         self._state = _State.ENDED
         self._outcome = outcome
         return self._emit(type_, {"response": self.response()})
+
+
+def _token_logprobs(logprobs: Any) -> list[Any] | None:
+    """The answer tokens' entries of a chat chunk's `logprobs` (`{"content": [...]}`), which
+    have the fields of the Responses API's (token, logprob, bytes, top_logprobs)."""
+    if isinstance(logprobs, dict):
+        content = logprobs.get("content")
+        if isinstance(content, list):
+            return content
+    return None
