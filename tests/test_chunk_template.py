@@ -465,8 +465,9 @@ def _decoded(stream: bytes) -> list[Any]:
     return out
 
 
-def test_the_common_stream_takes_the_byte_path() -> None:
-    body = b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(20))
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_the_common_stream_takes_the_byte_path(eol: bytes) -> None:
+    body = b"".join(b"data: " + payload(f"w{i} ") + eol + eol for i in range(20))
     reader = EventReader(make_exchange(), (), templates=True)
     events = reader.read(body)
     assert [type(e) for e in events] == [Chunk, TextDelta]
@@ -475,20 +476,35 @@ def test_the_common_stream_takes_the_byte_path() -> None:
     assert [json.loads(x) for x in delta.literals] == [f"w{i} " for i in range(1, 20)]
 
 
+def test_a_crlf_paced_read_takes_the_shortcut() -> None:
+    reader = EventReader(make_exchange(), (), templates=True)
+    reader.read(b"data: " + payload("first") + b"\r\n\r\n")
+    assert reader.text_literal(b"data: " + payload("next") + b"\r\n\r\n") == b'"next"'
+    # Not one whole event: a lone CR, a CRLF cut in half, or mixed line ends.
+    for other in (b"\r\r\n", b"\r\n\r", b"\n\r\n", b"\r\n\n"):
+        assert reader.text_literal(b"data: " + payload("next") + other) is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(frame_kinds, texts), max_size=14),
     st.lists(st.integers(0, 30), max_size=6),
     st.lists(st.integers(1, 400), max_size=3),
     st.booleans(),
+    st.booleans(),
 )
 def test_one_event_reads_give_the_same_stream_through_the_shortcut(
-    draws: list[tuple[str, str]], merges: list[int], cuts: list[int], usage: bool
+    draws: list[tuple[str, str]], merges: list[int], cuts: list[int], usage: bool, crlf: bool
 ) -> None:
     # Reads as a paced upstream sends them: mostly one whole event each, some merged, a few
-    # cut anywhere (a cut leaves half an event pending, which the shortcut must not skip).
+    # cut anywhere (a cut leaves half an event pending, which the shortcut must not skip);
+    # line ends LF, or CRLF as some SSE servers write them (a cut may split a CRLF).
     body = _frames(draws)
-    bounds = {i + 2 for i in range(len(body)) if body[i : i + 2] == b"\n\n"} | {len(body)}
+    blank = b"\n\n"
+    if crlf:
+        body, blank = body.replace(b"\n", b"\r\n"), b"\r\n\r\n"
+    size = len(blank)
+    bounds = {i + size for i in range(len(body)) if body[i : i + size] == blank} | {len(body)}
     bounds -= {b for i, b in enumerate(sorted(bounds)) if i in merges}
     bounds |= {min(c, len(body)) for c in cuts} | {len(body)}
     positions = sorted(bounds)
@@ -566,7 +582,8 @@ def test_the_shortcut_takes_whole_text_events_only() -> None:
     assert reader.text_literal(event) == b'"w1 "'
     assert reader.text_literal(event + event) is None  # two events: read() them
     assert reader.text_literal(event[:-1]) is None  # not ended
-    assert reader.text_literal(event.replace(b"\n\n", b"\r\n\r\n")) is None
+    assert reader.text_literal(event.replace(b"\n\n", b"\r\n\r\n")) == b'"w1 "'  # CRLF too
+    assert reader.text_literal(event.replace(b"\n\n", b"\r\r")) is None
     assert reader.text_literal(b": ping\n\n" + event) is None
     assert reader.text_literal(b"data: " + payload("w1 ", finish="stop") + b"\n\n") is None
     bad_escape = payload("ax").replace(b'"ax"', b'"a\\x"')

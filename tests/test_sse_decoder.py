@@ -22,6 +22,7 @@ from ds2oai.sse import (
     SSEComment,
     SSEDecoder,
     SSEEvent,
+    crlf_to_lf,
     encode_comment,
     encode_data,
     encode_event,
@@ -422,6 +423,29 @@ def test_feed_raw_reports_the_same_events_as_feed(lines: list[bytes], cuts: list
         expected += _as_events(plain.feed(piece))
         got += _as_events(fast.feed_raw(piece))
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"data: a\r\n\r\n", b"data: a\n\n"),
+        (b"a\r\nb\n", b"a\nb\n"),
+        (b"a\r\n\r", b"a\r\n\r"),  # a CR is left: the read stays as it is
+        (b"a\rb\r\n", b"a\rb\r\n"),
+        (b"a\r\r\n", b"a\r\r\n"),
+        (b"plain\n", b"plain\n"),
+    ],
+)
+def test_crlf_to_lf_only_when_no_cr_is_left(data: bytes, expected: bytes) -> None:
+    assert crlf_to_lf(data) == expected
+
+
+def test_a_crlf_stream_takes_the_raw_fast_path() -> None:
+    # CRLF line ends (sse-starlette's default) give the same undecoded payloads as LF ones.
+    decoder = SSEDecoder()
+    assert decoder.feed_raw(b"data: {}\r\n\r\ndata: [1]\r\n\r\ndata: x") == [b"{}", b"[1]"]
+    assert decoder.feed_raw(b"\r\n\r\n") == [b"x"]
+    assert decoder.feed_raw(b"data: 2\r\n\r\n") == [b"2"]
 
 
 # --------------------------------------------------------------------------- encoders

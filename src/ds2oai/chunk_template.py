@@ -57,7 +57,15 @@ _OTHER_PROBE = "\x02probe \u00fc"  # for a chunk whose own text is `_PROBE`
 
 
 class TextTemplate:
-    __slots__ = ("_event_prefix", "_event_suffix", "_start", "_stop", "prefix", "suffix")
+    __slots__ = (
+        "_crlf_event_suffix",
+        "_event_prefix",
+        "_event_suffix",
+        "_start",
+        "_stop",
+        "prefix",
+        "suffix",
+    )
 
     def __init__(self, prefix: bytes, suffix: bytes) -> None:
         # Only `learn()` builds one, from a one-line payload: prefix and suffix hold no line end.
@@ -72,6 +80,7 @@ class TextTemplate:
         # end, so what matches these is exactly one one-line event.
         self._event_prefix = b"data: " + prefix
         self._event_suffix = suffix + b"\n\n"
+        self._crlf_event_suffix = suffix + b"\r\n\r\n"
 
     @staticmethod
     def eligible(chunk: Chunk) -> bool:
@@ -179,9 +188,15 @@ class TextTemplate:
 
     def event_literal(self, data: bytes) -> bytes | None:
         """The text of `data` as a valid JSON string literal when `data` is exactly one whole
-        one-line event `data: <payload>\\n\\n` whose payload fits the template; else None."""
-        if data.startswith(self._event_prefix) and data.endswith(self._event_suffix):
-            literal = data[self._start + 6 : self._stop - 2]
+        one-line event `data: <payload>\\n\\n` (or with CRLF line ends) whose payload fits the
+        template; else None."""
+        if data.startswith(self._event_prefix):
+            if data.endswith(self._event_suffix):
+                literal = data[self._start + 6 : self._stop - 2]
+            elif data.endswith(self._crlf_event_suffix):
+                literal = data[self._start + 6 : self._stop - 4]
+            else:
+                return None
             if _LITERAL.fullmatch(literal) is not None and _utf8(literal):
                 return literal
         return None

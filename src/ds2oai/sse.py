@@ -19,6 +19,7 @@ __all__ = [
     "SSEComment",
     "SSEDecoder",
     "SSEEvent",
+    "crlf_to_lf",
     "encode_comment",
     "encode_data",
     "encode_event",
@@ -124,6 +125,8 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+        if chunk.find(b"\r") >= 0:
+            chunk = crlf_to_lf(chunk)
         buf = self._buf
         if (
             raw
@@ -244,6 +247,17 @@ class SSEDecoder:
         elif name == b"retry" and value.isdigit() and len(value) <= 10:
             self.retry = int(value)
         # any other field name is ignored, as the standard says
+
+
+def crlf_to_lf(data: bytes) -> bytes:
+    """`data` with its CRLF line ends as LF when that leaves no CR (the same lines, so the
+    LF-only fast paths take a CRLF stream too); else `data` itself, for the line scanner.
+
+    A CR left over is a line end of its own, or the first half of a CRLF split between two
+    reads (a read ending in CR), which only the scanner's state can join.
+    """
+    lf = data.replace(b"\r\n", b"\n")
+    return lf if lf.find(b"\r") < 0 else data
 
 
 def encode_event(event: str, data: bytes) -> bytes:
