@@ -480,6 +480,8 @@ def test_a_crlf_paced_read_takes_the_shortcut() -> None:
     reader = EventReader(make_exchange(), (), templates=True)
     reader.read(b"data: " + payload("first") + b"\r\n\r\n")
     assert reader.text_literal(b"data: " + payload("next") + b"\r\n\r\n") == b'"next"'
+    assert reader.text_literal(b"data:" + payload("nospace") + b"\n\n") == b'"nospace"'
+    assert reader.text_literal(b"data:  " + payload("two") + b"\n\n") is None
     # Not one whole event: a lone CR, a CRLF cut in half, or mixed line ends.
     for other in (b"\r\r\n", b"\r\n\r", b"\n\r\n", b"\r\n\n"):
         assert reader.text_literal(b"data: " + payload("next") + other) is None
@@ -491,18 +493,21 @@ def test_a_crlf_paced_read_takes_the_shortcut() -> None:
     st.lists(st.integers(0, 30), max_size=6),
     st.lists(st.integers(1, 400), max_size=3),
     st.booleans(),
-    st.booleans(),
+    st.sampled_from(["lf", "crlf", "unspaced"]),
 )
 def test_one_event_reads_give_the_same_stream_through_the_shortcut(
-    draws: list[tuple[str, str]], merges: list[int], cuts: list[int], usage: bool, crlf: bool
+    draws: list[tuple[str, str]], merges: list[int], cuts: list[int], usage: bool, spelling: str
 ) -> None:
     # Reads as a paced upstream sends them: mostly one whole event each, some merged, a few
     # cut anywhere (a cut leaves half an event pending, which the shortcut must not skip);
-    # line ends LF, or CRLF as some SSE servers write them (a cut may split a CRLF).
+    # line ends LF, or CRLF (a cut may split one), or `data:` without the space, as some SSE
+    # servers write them.
     body = _frames(draws)
     blank = b"\n\n"
-    if crlf:
+    if spelling == "crlf":
         body, blank = body.replace(b"\n", b"\r\n"), b"\r\n\r\n"
+    elif spelling == "unspaced":
+        body = body.replace(b"data: ", b"data:")
     size = len(blank)
     bounds = {i + size for i in range(len(body)) if body[i : i + size] == blank} | {len(body)}
     bounds -= {b for i, b in enumerate(sorted(bounds)) if i in merges}

@@ -26,6 +26,7 @@ from ds2oai.sse import (
     encode_comment,
     encode_data,
     encode_event,
+    space_data,
 )
 
 Item = SSEEvent | SSEComment
@@ -314,11 +315,62 @@ MULTIBYTE_STREAM = (
     + "data: ☃\rdata: 日本語\r\r".encode()
 )
 
+# `data:` with no space, as some SSE servers write it, mixed with other spellings whose value
+# must keep its own leading space.
+UNSPACED_STREAM = (
+    b'data:{"a":1}\n\n'
+    b'data: {"b":2}\n\n'
+    b'data:{"c":3}\ndata:[4]\n\n'
+    b"data:  {two spaces}\n\n"
+    b": data:{not a field}\n\n"
+    b'xdata:{"ignored":1}\ndata:{"d":5}\n\n'
+    b"data:plain\n\n"
+    b"data:[DONE]\n\n"
+)
+
 REALISTIC = {
     "deepseek_keep_alive": DEEPSEEK_STREAM,
     "crlf": CRLF_STREAM,
     "multibyte_utf8": MULTIBYTE_STREAM,
+    "unspaced": UNSPACED_STREAM,
+    "unspaced_crlf": UNSPACED_STREAM.replace(b"\n", b"\r\n"),
 }
+
+
+def test_unspaced_stream_decodes_as_the_standard_says() -> None:
+    assert decode([UNSPACED_STREAM]) == [
+        E('{"a":1}'),
+        E('{"b":2}'),
+        E('{"c":3}\n[4]'),
+        E(" {two spaces}"),
+        SSEComment("data:{not a field}"),
+        E('{"d":5}'),
+        E("plain"),
+        E("[DONE]"),
+    ]
+
+
+def test_an_unspaced_stream_takes_the_raw_fast_path_once_seen() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_raw(b'data:{"a":1}\n\n') == [E('{"a":1}')]  # learned here
+    assert decoder.feed_raw(b'data:{"b":2}\n\ndata:[DONE]\n\n') == [b'{"b":2}', b"[DONE]"]
+    assert decoder.feed_raw(b'data:{"c":3}\n\n') == [b'{"c":3}']
+
+
+@pytest.mark.parametrize(
+    ("data", "line_start", "expected"),
+    [
+        (b'data:{"a":1}\n\n', True, b'data: {"a":1}\n\n'),
+        (b'data:{"a":1}\n\n', False, b'data:{"a":1}\n\n'),  # the end of another line
+        (b"x\ndata:[1]\ndata:plain\n", False, b"x\ndata: [1]\ndata:plain\n"),
+        (b"data: {spaced}\n", True, b"data: {spaced}\n"),
+        (b"data:", True, b"data:"),
+    ],
+)
+def test_space_data_spaces_only_json_values_at_line_starts(
+    data: bytes, line_start: bool, expected: bytes
+) -> None:
+    assert space_data(data, line_start=line_start) == expected
 
 
 def test_deepseek_stream_decodes_to_its_chunks_and_keep_alives() -> None:

@@ -63,6 +63,7 @@ class TextTemplate:
         "_event_suffix",
         "_start",
         "_stop",
+        "_unspaced_event_prefix",
         "prefix",
         "suffix",
     )
@@ -79,6 +80,11 @@ class TextTemplate:
         # The same payload as a whole SSE event: prefix, suffix and a valid literal hold no line
         # end, so what matches these is exactly one one-line event.
         self._event_prefix = b"data: " + prefix
+        # `data:` with no space before the payload: the same event when the payload does not
+        # start with a space itself (else the only prefix is the spaced one).
+        self._unspaced_event_prefix = (
+            b"data:" + prefix if prefix[:1] != b" " else self._event_prefix
+        )
         self._event_suffix = suffix + b"\n\n"
         self._crlf_event_suffix = suffix + b"\r\n\r\n"
 
@@ -188,17 +194,22 @@ class TextTemplate:
 
     def event_literal(self, data: bytes) -> bytes | None:
         """The text of `data` as a valid JSON string literal when `data` is exactly one whole
-        one-line event `data: <payload>\\n\\n` (or with CRLF line ends) whose payload fits the
-        template; else None."""
+        one-line event `data: <payload>\\n\\n` (or with CRLF line ends, or `data:` without the
+        space) whose payload fits the template; else None."""
         if data.startswith(self._event_prefix):
-            if data.endswith(self._event_suffix):
-                literal = data[self._start + 6 : self._stop - 2]
-            elif data.endswith(self._crlf_event_suffix):
-                literal = data[self._start + 6 : self._stop - 4]
-            else:
-                return None
-            if _LITERAL.fullmatch(literal) is not None and _utf8(literal):
-                return literal
+            start = self._start + 6
+        elif data.startswith(self._unspaced_event_prefix):
+            start = self._start + 5
+        else:
+            return None
+        if data.endswith(self._event_suffix):
+            literal = data[start : self._stop - 2]
+        elif data.endswith(self._crlf_event_suffix):
+            literal = data[start : self._stop - 4]
+        else:
+            return None
+        if _LITERAL.fullmatch(literal) is not None and _utf8(literal):
+            return literal
         return None
 
     def literals(self, payloads: list[bytes]) -> list[bytes] | None:
