@@ -350,11 +350,14 @@ def test_unspaced_stream_decodes_as_the_standard_says() -> None:
     ]
 
 
-def test_an_unspaced_stream_takes_the_raw_fast_path_once_seen() -> None:
+def test_an_unspaced_stream_takes_the_raw_fast_path() -> None:
     decoder = SSEDecoder()
-    assert decoder.feed_raw(b'data:{"a":1}\n\n') == [E('{"a":1}')]  # learned here
-    assert decoder.feed_raw(b'data:{"b":2}\n\ndata:[DONE]\n\n') == [b'{"b":2}', b"[DONE]"]
-    assert decoder.feed_raw(b'data:{"c":3}\n\n') == [b'{"c":3}']
+    assert decoder.feed_raw(b'data:{"a":1}\n\ndata:{"b":2}\n\n') == [b'{"a":1}', b'{"b":2}']
+    assert decoder.feed_raw(b'data:{"c":3}\n\ndata:[DONE]\n\n') == [b'{"c":3}', b"[DONE]"]
+    # Seen only on a line of its own (after a comment, say): from the next read on.
+    decoder = SSEDecoder()
+    assert decoder.feed_raw(b": hi\n\ndata:[1]\n\n") == [SSEComment("hi"), E("[1]")]
+    assert decoder.feed_raw(b"data:[2]\n\n") == [b"[2]"]
 
 
 @pytest.mark.parametrize(

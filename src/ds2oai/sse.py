@@ -95,7 +95,7 @@ class SSEDecoder:
         self._event: str | None = None
         self._last_id: str | None = None
         self._max_event_bytes = max_event_bytes
-        self._unspaced = False  # a `data:` line without the space was seen (see space_data)
+        self._unspaced = False  # `data:` seen without the space: respace reads (space_data)
         self.retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
@@ -131,6 +131,10 @@ class SSEDecoder:
         if chunk.find(b"\r") >= 0:
             chunk = crlf_to_lf(chunk)
         buf = self._buf
+        # A hint, not a rule (`space_data` never changes an event): the first such read of an
+        # answer that comes in one read is respaced too.
+        if not self._unspaced and chunk.find(b"data:{") >= 0:
+            self._unspaced = True
         if self._unspaced:
             chunk = space_data(chunk, line_start=not buf)
         if (
