@@ -530,7 +530,18 @@ def test_thinking_takes_its_own_byte_path() -> None:
     body = b"".join(b"data: " + thinking(f"r{i} ") + b"\n\n" for i in range(10))
     body += b"".join(b"data: " + payload(f"w{i} ") + b"\n\n" for i in range(10))
     reader = EventReader(make_exchange(), (), templates=True)
-    events = reader.read(body)
+    tried: list[bytes] = []
+    match = TextTemplate.match
+
+    def one_by_one(self: TextTemplate, payload: bytes) -> bytes | None:
+        tried.append(payload)
+        return match(self, payload)
+
+    with mock.patch.object(TextTemplate, "match", one_by_one):
+        events = reader.read(body)
+    # Each kind's run is checked at once: only the first text chunk, before its template was
+    # learned, is tried against the thinking template on its own.
+    assert len(tried) == 1
     assert [type(e) for e in events] == [Chunk, ReasoningDelta, Chunk, TextDelta]
     thoughts, text = events[1], events[3]
     assert isinstance(thoughts, ReasoningDelta)

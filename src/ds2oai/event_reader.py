@@ -98,8 +98,11 @@ class EventReader:
 
     def read(self, data: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
-        template = self._template
-        run: list[bytes] = []  # payloads that fit the template, not yet turned into events
+        # Consecutive payloads that fit one template (text, or a reasoning model's thinking),
+        # not yet turned into events: their literals are checked together.
+        template: TextTemplate | None = None
+        kind: type[TextDelta | ReasoningDelta] = TextDelta
+        run: list[bytes] = []
         for item in self._decoder.feed_raw(data):
             if type(item) is bytes:
                 if (
@@ -110,10 +113,13 @@ class EventReader:
                     run.append(item)
                     continue
                 if run:
-                    self._run(run, template, events)
+                    self._run(run, template, kind, events)
                     run = []
-                self._payload(item, events)
-                template = self._template  # may have been learned from this payload
+                template, kind = self._run_template(item)
+                if template is not None:
+                    run.append(item)
+                else:
+                    self._payload(item, events)
             elif isinstance(item, SSEComment):
                 trace = self._exchange.trace
                 if trace.first_comment_at is None:
@@ -121,23 +127,47 @@ class EventReader:
             else:
                 assert isinstance(item, SSEEvent)
                 if run:
-                    self._run(run, template, events)
+                    self._run(run, template, kind, events)
                     run = []
-                    template = self._template  # the run's fallback may have learned one
+                    template = None
                 self._parsed(item.data, None, events)
         if run:
-            self._run(run, template, events)
+            self._run(run, template, kind, events)
         return events
 
+    def _run_template(
+        self, payload: bytes
+    ) -> tuple[TextTemplate | None, type[TextDelta | ReasoningDelta]]:
+        """The template (and its event kind) whose prefix and suffix `payload` has, if any."""
+        template = self._template
+        if (
+            template is not None
+            and payload.startswith(template.prefix)
+            and payload.endswith(template.suffix)
+        ):
+            return template, TextDelta
+        template = self._reasoning
+        if (
+            template is not None
+            and payload.startswith(template.prefix)
+            and payload.endswith(template.suffix)
+        ):
+            return template, ReasoningDelta
+        return None, TextDelta
+
     def _run(
-        self, run: list[bytes], template: TextTemplate | None, events: list[UpstreamEvent]
+        self,
+        run: list[bytes],
+        template: TextTemplate | None,
+        kind: type[TextDelta | ReasoningDelta],
+        events: list[UpstreamEvent],
     ) -> None:
         # `template` is the one the run's payloads were found to start and end with: only its
         # lengths cut them right (a fallback below may learn another one meanwhile).
         assert template is not None
         literals = template.literals(run)
         if literals is not None:
-            self._delta(TextDelta, literals, events)
+            self._delta(kind, literals, events)
             return
         for payload in run:  # some text is not a valid literal: take them one by one
             self._payload(payload, events)
