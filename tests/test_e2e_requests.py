@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.fault_upstream import FaultUpstream
+from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script
 from tests.sse_client import read_events, spec_text
 
 
@@ -165,3 +165,23 @@ async def test_a_body_that_is_not_what_its_content_encoding_says_is_400(
     )
     assert (status, error["code"]) == (400, "invalid_body_encoding")
     assert fault_upstream.requests == []
+
+
+@pytest.mark.parametrize(("depth", "status"), [(128, 200), (129, 400)])
+async def test_nesting_is_limited_to_128_levels(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, depth: int, status: int
+) -> None:
+    fault_upstream.queue(
+        sse_script([chunk("ok", role="assistant"), chunk("", finish_reason="stop"), DONE])
+    )
+    server = await gateway(fault_upstream.url)
+    # The body itself is level 1 and `messages` level 2: `x` holds the rest.
+    nested = b"[" * (depth - 1) + b"]" * (depth - 1)
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "stream": false, "x": %s}' % nested
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url("/openai/v1/chat/completions"), data=body) as response,
+    ):
+        assert response.status == status
+        if status == 400:
+            assert (await response.json())["error"]["code"] == "too_deeply_nested"

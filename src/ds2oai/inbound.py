@@ -38,8 +38,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise _invalid("invalid_json", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _invalid("invalid_body", "The request body must be a JSON object")
-    # Each level opens with `[` or `{`: a body with few of them cannot nest too deep.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_exceeds(body, MAX_DEPTH):
+    if _depth_exceeds(body, MAX_DEPTH):
         raise _invalid(
             "too_deeply_nested", f"The request body nests JSON deeper than {MAX_DEPTH} levels"
         )
@@ -52,16 +51,19 @@ MAX_DEPTH = 128
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative (no recursion limit to hit) check of container nesting depth."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
+    """Whether containers nest more than `limit` levels deep in `value` (a container itself).
+
+    Recursive, at most `limit` frames deep. Its cost follows the number of containers, not the
+    size of the body: counting `[` and `{` first, as a shortcut, cost more than this whole walk
+    on a long conversation (60 µs for 84 KB, against 23 µs) and grew with every byte.
+    """
+    if limit == 0:
+        return True
+    limit -= 1
+    for item in value.values() if type(value) is dict else value:
+        kind = type(item)
+        if (kind is dict or kind is list) and _depth_exceeds(item, limit):
             return True
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
     return False
 
 
