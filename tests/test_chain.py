@@ -158,6 +158,20 @@ class SyncCall:
         raise AssertionError("never called")
 
 
+class OneArgument:
+    name = "one_argument"
+
+    async def __call__(self, exchange: Exchange) -> Reply:
+        raise AssertionError("never called")
+
+
+class ThreeArguments:
+    name = "three_arguments"
+
+    async def __call__(self, exchange: Exchange, call_next: Next, extra: int) -> Reply:
+        raise AssertionError("never called")
+
+
 class Exploding:
     name = "exploding"
 
@@ -194,6 +208,23 @@ def test_default_chain_builds_the_builtins_in_order() -> None:
     assert [m.name for m in built] == ["auth", "rate_limit", "retry", "reframe"]
     assert [type(m) for m in built] == [BearerAuth, RateLimitTranslator, Retry, Reframe]
     assert all(isinstance(m, Middleware) for m in built)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"api_keys": ["sk-secret-client-key"]},
+        {"clients": {"team": {"key": "sk-secret-client-key"}}},
+    ],
+)
+def test_client_keys_without_the_auth_stage_refuse_to_start(auth: dict[str, Any]) -> None:
+    # Else both chat routes would answer requests without a key.
+    config = config_from_mapping({"auth": auth, "middleware": {"chain": ["retry", "reframe"]}})
+    message = build_error(config)
+    assert "'auth' is not in [middleware] chain" in message
+    assert "sk-secret-client-key" not in message
+    # Without keys the stage is optional.
+    build_middleware(middleware_config(["retry", "reframe"]), BUILTINS)
 
 
 def test_extra_from_module_attr_gets_its_options_as_keyword_arguments(
@@ -260,7 +291,7 @@ def test_attribute_that_is_not_callable_is_an_error(extra: tuple[str, str]) -> N
     assert repr(entry) in build_error(middleware_config([entry, "reframe"], paths=[path]))
 
 
-@pytest.mark.parametrize("attr", ["Nameless", "SyncCall"])
+@pytest.mark.parametrize("attr", ["Nameless", "SyncCall", "OneArgument", "ThreeArguments"])
 def test_object_that_is_not_a_middleware_is_an_error(extra: tuple[str, str], attr: str) -> None:
     module, path = extra
     entry = f"{module}:{attr}"

@@ -61,6 +61,8 @@ def test_an_exception_is_named_not_dumped() -> None:
     line = json.loads(logs.JSONFormatter().format(record))
     assert line["exc_type"] == "KeyError"
     assert "secret-looking detail" not in json.dumps(line)
+    # ... and where it was raised, so a middleware's author can find it.
+    assert line["exc_where"] == ["tests/test_logs.py:58 test_an_exception_is_named_not_dumped"]
 
 
 FIELDS = {"request_id": "abc", "status": 200, "upstream_statuses": [200], "key_id": None}

@@ -157,6 +157,10 @@ class Trace:
     malformed_chunks: int = 0
     resumes: int = 0
     resume_outcome: str | None = None
+    # The reframe stage is streaming an answer whose terminal event it has not yet produced: a
+    # stage outside it that fails, or ends the body, now cuts the answer short (the sink then
+    # ends it with the dialect's error event).
+    answer_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,18 @@ def _import_entry(entry: str, paths: Sequence[str]) -> Any:
     return target
 
 
+def _takes_exchange_and_next(middleware: Middleware) -> bool:
+    """Its `__call__` is a coroutine function that can be called as the chain calls it."""
+    call = middleware.__call__
+    if not inspect.iscoroutinefunction(call):
+        return False
+    try:
+        inspect.signature(call).bind(None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> list[Middleware]:
     """Instantiate `[middleware] chain` in order; every failure is a `ConfigError` naming it."""
     section = config.middleware
@@ -307,9 +323,7 @@ def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> 
         name = getattr(middleware, "name", None)
         if not isinstance(name, str) or not name:
             raise ConfigError(f"middleware.chain: {entry!r} has no string attribute 'name'")
-        if not isinstance(middleware, Middleware) or not inspect.iscoroutinefunction(
-            middleware.__call__
-        ):
+        if not isinstance(middleware, Middleware) or not _takes_exchange_and_next(middleware):
             raise ConfigError(
                 f"middleware.chain: {entry!r} is not a middleware "
                 "(it needs async __call__(exchange, call_next))"
@@ -324,6 +338,14 @@ def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> 
         )
     if sum(1 for m in built if m.name == "reframe") != 1:
         raise ConfigError("middleware.chain: 'reframe' must appear exactly once")
+    keyed = bool(config.auth.api_keys or config.auth.key_file or config.auth.clients)
+    if keyed and not any(m.name == "auth" for m in built):
+        # SECURITY: keys are configured, so the operator expects them checked; without the
+        # stage both chat routes would answer anyone.
+        raise ConfigError(
+            "auth: client keys are configured but 'auth' is not in [middleware] chain; add "
+            'it, e.g. chain = ["auth", "rate_limit", "retry", "reframe"]'
+        )
     limited = config.limits.sets_limits() or any(
         client.sets_limits() for client in config.auth.clients.values()
     )

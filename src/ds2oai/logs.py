@@ -17,14 +17,17 @@ line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import traceback
 from logging import LogRecord
+from types import TracebackType
 from typing import Any, TextIO
 
 from ds2oai import jsonutil
 
-__all__ = ["JSONFormatter", "JSONHandler", "configure", "info"]
+__all__ = ["JSONFormatter", "JSONHandler", "configure", "info", "where"]
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -54,7 +57,20 @@ class JSONFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
+            entry["exc_where"] = where(record.exc_info[2])
         return jsonutil.dumps(entry).decode()
+
+
+def where(tb: TracebackType | None, frames: int = 8) -> list[str]:
+    """Where an exception was raised, innermost last: `dir/file.py:line function` for its last
+    `frames` frames. Never the exception's message, which may carry message content or a
+    key an upstream echoed; file, line and function name say where to look."""
+    out: list[str] = []
+    for frame, line in traceback.walk_tb(tb):
+        code = frame.f_code
+        path = code.co_filename.replace(os.sep, "/").rsplit("/", 2)
+        out.append(f"{'/'.join(path[-2:])}:{line} {code.co_name}")
+    return out[-frames:]
 
 
 class JSONHandler(logging.StreamHandler[TextIO]):

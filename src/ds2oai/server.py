@@ -46,6 +46,7 @@ from ds2oai.errors import ClientError, GatewayError
 from ds2oai.inbound import chat_request, parse_json_body
 from ds2oai.middleware import BUILTINS
 from ds2oai.middleware.auth import BearerAuth, key_id
+from ds2oai.middleware.reframe import cut_short
 from ds2oai.readiness import Readiness
 from ds2oai.responses_input import parse_responses_request
 from ds2oai.responses_session import ResponsesSession
@@ -378,6 +379,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
         trace.first_byte_at = time.monotonic()
         metrics.inc(metrics.IN_FLIGHT)
         in_flight = True
+        item: bytes | None = None
         try:
             measured = False
             item = first
@@ -393,6 +395,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                     await response.write(item)
                     if not measured:
                         measured = _added_latency(trace)
+                item = None
                 if ahead is not None:
                     item = ahead
                     continue
@@ -401,12 +404,34 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                 except StopAsyncIteration:
                     item = None
             else:
-                await response.write_eof()
+                if trace.answer_open:
+                    # A stage outside reframe ended the body before the answer's end.
+                    log.error(
+                        "a stage ended the answer early; it ends with an error event",
+                        extra={"request_id": exchange.request_id},
+                    )
+                    await body.aclose()
+                    await response.write_eof(_cut_short(exchange, None))
+                else:
+                    await response.write_eof()
             if not measured:
                 _added_latency(trace)
         except ConnectionError:
             # The client went away mid-stream: stop reading upstream (finally closes it).
             trace.outcome = "client_cancelled"
+        except Exception as exc:
+            # A stage failed after the head went out: the status is sent, so the answer ends
+            # with its dialect's error event (or, if its end was already made, that end).
+            log.exception(
+                "a stage failed mid-stream; the answer ends with an error event",
+                extra={"request_id": exchange.request_id},
+            )
+            await body.aclose()
+            ending = item if type(item) is LastChunk else b""
+            if trace.answer_open:
+                ending += _cut_short(exchange, exc)
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof(ending)
         return response
     except asyncio.CancelledError:
         trace.outcome = "client_cancelled"
@@ -436,6 +461,12 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     request[_EXCHANGE] = exchange
     reply = await request.app[CHAIN](exchange)
     return await _send(request, exchange, reply)
+
+
+def _cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
+    exchange.trace.answer_open = False
+    exchange.trace.outcome = "upstream_broken"  # SPEC §6's outcomes: the stream broke
+    return cut_short(exchange, error)
 
 
 def _added_latency(trace: Trace) -> bool:

@@ -41,3 +41,7 @@ class Dialect(Protocol):
     def feed_arguments(self, index: int, literal: bytes) -> bytes:
         """`feed(ArgumentsDelta(index, [literal]))` without building the event, as
         `feed_text`."""
+
+    def fail(self, type_: str, code: str, message: str) -> bytes:
+        """End the stream now with the gateway's own error (a stage failed after the head went
+        out): the terminal error bytes, outcome `upstream_broken`; b"" once it has ended."""

@@ -94,6 +94,11 @@ class ChunkDialect:
     def feed_arguments(self, index: int, literal: bytes) -> bytes:
         return self._arguments(index, [literal]) if self._state is _STREAMING else b""
 
+    def fail(self, type_: str, code: str, message: str) -> bytes:
+        if self._state is State.ENDED:
+            return b""
+        return self._end_error("upstream_broken", type_, message, code)
+
     def _end_completed(self) -> bytes:
         self._state = State.ENDED
         self._outcome = "completed"

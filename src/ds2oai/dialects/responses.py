@@ -340,6 +340,13 @@ class ResponsesDialect:
             return out + self._failed("upstream_error", message)
         raise TypeError(f"unknown upstream event {event!r}")  # pragma: no cover
 
+    def fail(self, type_: str, code: str, message: str) -> bytes:
+        # A Response's error code is one of OpenAI's fixed set: `_failed` writes server_error.
+        if self._state is _State.ENDED:
+            return b""
+        out = self._start() if self._state is _State.WAITING else b""
+        return out + self._failed("upstream_broken", message)
+
     # --- results ------------------------------------------------------------------------------
 
     def response(self) -> dict[str, Any]:

@@ -65,7 +65,15 @@ from ds2oai.upstream_errors import (
     upstream_event_error,
 )
 
-__all__ = ["COLLECTORS", "DIALECTS", "Collector", "DialectSource", "Reframe"]
+__all__ = [
+    "COLLECTORS",
+    "CUT_SHORT_MESSAGE",
+    "DIALECTS",
+    "Collector",
+    "DialectSource",
+    "Reframe",
+    "cut_short",
+]
 
 log = logging.getLogger("ds2oai.reframe")
 
@@ -350,6 +358,7 @@ class Reframe:
         return Reply.json(200, result)
 
     async def _end(self, exchange: Exchange) -> None:
+        exchange.trace.answer_open = False  # the terminal event is made: the answer is whole
         if exchange.on_end is None:
             return
         try:
@@ -378,6 +387,7 @@ class Reframe:
         # own clock (asyncio's and libuv's); Python 3.11's get_running_loop() costs a getpid().
         keepalive_at = time.monotonic() + self._keepalive
         idle = False  # the last read gave the client nothing (thinking on the spec route...)
+        exchange.trace.answer_open = True
         try:
             while True:
                 if idle:
@@ -581,3 +591,18 @@ class Reframe:
             raise broken_error()
         if isinstance(event, UpstreamErrorEvent):
             raise upstream_event_error(event.code, event.message, self._secrets)
+
+
+def cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
+    """The terminal error event for an answer a stage outside this one cut short after its head
+    went out (it raised `error`, or ended the body early: None): the client gets an end it can
+    tell from a whole answer. A `ClientError` a stage raised is passed on as it says."""
+    if isinstance(error, ClientError):
+        type_, code, message = error.type, error.code or error.type, error.message
+    else:
+        type_, code, message = "server_error", "internal_error", CUT_SHORT_MESSAGE
+    make = DIALECTS.get(exchange.dialect)
+    return make(exchange).fail(type_, code, message) if make is not None else b""
+
+
+CUT_SHORT_MESSAGE = "Internal gateway error; the answer was cut short"

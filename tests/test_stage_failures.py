@@ -1,0 +1,194 @@
+"""A stage outside reframe that fails, or ends the body early, after the answer's head went out.
+
+The status is sent by then, so the client must get its dialect's terminal error event and a
+properly ended response (never a dropped connection, never an end that looks whole), on the
+spec route, the OpenAI chat route (the SDK raises) and `/v1/responses` (`response.failed`).
+The stages below are loaded from the config as a user's would be; what they do is chosen per
+request by a field of the client's body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from ds2oai.chain import Exchange, Next, Reply
+from ds2oai.errors import ClientError
+from tests.conftest import GatewayFactory
+from tests.fault_upstream import FaultUpstream, sse_script, text_events
+from tests.sse_client import parse_events, spec_text
+
+TOKENS = [f"t{i} " for i in range(8)]
+
+
+class Faulty:
+    """Wraps the streamed body; `stage_fault` in the client's body says how it misbehaves
+    after `stage_after` items: "raise", "client_error", "stop" (ends the body early) or
+    "raise_at_end" (passes every item, then raises when pulled once more)."""
+
+    name = "faulty"
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        reply = await call_next(exchange)
+        fault = exchange.client_body.get("stage_fault")
+        if fault is None or isinstance(reply.body, bytes):
+            return reply
+        after = int(exchange.client_body.get("stage_after", 2))
+        return Reply(reply.status, reply.headers, _misbehave(reply.body, fault, after))
+
+
+async def _misbehave(
+    body: AsyncIterator[bytes], fault: str, after: int
+) -> AsyncGenerator[bytes, None]:
+    seen = 0
+    async for item in body:
+        if item and seen == after and fault != "raise_at_end":
+            if fault == "raise":
+                raise RuntimeError("stage bug")
+            if fault == "client_error":
+                raise ClientError(451, "invalid_request_error", "blocked", "Blocked by policy")
+            return  # "stop"
+        yield item
+        seen += bool(item)
+    if fault == "raise_at_end":
+        raise RuntimeError("stage bug at the end")
+
+
+CHAIN = {"chain": ["tests.test_stage_failures:Faulty", "auth", "retry", "reframe"]}
+
+
+def _body(fault: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stage_fault": fault,
+        **extra,
+    }
+
+
+async def _post(server: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url(path), json=body) as response,
+    ):
+        # read() raises ClientPayloadError on a dropped connection or a missing chunked end.
+        return response.status, await response.read()
+
+
+@pytest.mark.parametrize("fault", ["raise", "stop"])
+async def test_spec_route_ends_with_an_error_event(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    fault: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    with caplog.at_level(logging.ERROR, "ds2oai"):
+        status, raw = await _post(server, "/v1/chat/completions", _body(fault))
+    assert status == 200
+    events = parse_events(raw)
+    assert spec_text(events) == "".join(TOKENS[:1])  # the first item was the role chunk's
+    assert events[-1].event == "response.error"
+    assert events[-1].json() == {
+        "type": "server_error",
+        "code": "internal_error",
+        "message": "Internal gateway error; the answer was cut short",
+    }
+    assert not any(e.event == "response.completed" for e in events)
+    logged = [r for r in caplog.records if "ends with an error event" in r.message]
+    assert len(logged) == 1
+    assert getattr(logged[0], "request_id", None)
+    assert (logged[0].exc_info is not None) == (fault == "raise")
+
+
+async def test_a_client_error_raised_mid_stream_is_the_error_event(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, "/openai/v1/chat/completions", _body("client_error"))
+    assert status == 200
+    events = parse_events(raw)
+    assert events[-1].data == "[DONE]"
+    assert events[-2].json() == {
+        "error": {
+            "message": "Blocked by policy",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "blocked",
+        }
+    }
+
+
+@pytest.mark.parametrize("fault", ["raise", "stop"])
+async def test_the_sdk_raises_on_the_chat_route(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, fault: str
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    base_url = str(server.make_url("/openai/v1"))
+    texts: list[str] = []
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="deepseek-chat",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"stage_fault": fault},
+        )
+        with pytest.raises(openai.APIError) as caught:
+            async for chunk in stream:
+                texts.extend(c.delta.content or "" for c in chunk.choices)
+    assert not isinstance(caught.value, openai.APIConnectionError)  # an error, not a cut
+    assert "answer was cut short" in caught.value.message
+    assert "".join(texts) == "".join(TOKENS[:1])  # the role chunk was one of the two items
+
+
+async def test_responses_route_ends_in_response_failed(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    body = {"model": "deepseek-chat", "input": "hi", "stream": True, "stage_fault": "raise"}
+    status, raw = await _post(server, "/v1/responses", {**body, "stage_after": 5})
+    assert status == 200
+    events = parse_events(raw)
+    # Rising (the item the stage failed on, with its number, never reached the client).
+    numbers = [e.json()["sequence_number"] for e in events]
+    assert numbers == sorted(set(numbers))
+    assert events[-1].event == "response.failed"
+    assert events[-1].json()["response"]["status"] == "failed"
+    assert sum(e.event in ("response.completed", "response.failed") for e in events) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
+async def test_a_failure_after_the_answer_ended_adds_nothing(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, path, _body("raise_at_end"))
+    assert status == 200
+    events = parse_events(raw)
+    if path == "/v1/chat/completions":
+        assert spec_text(events) == "".join(TOKENS)
+        assert events[-1].event == "response.completed"
+    else:
+        assert events[-1].data == "[DONE]"
+        assert not any("error" in e.data for e in events)
+
+
+async def test_a_failure_before_the_first_item_is_still_an_http_error(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, "/v1/chat/completions", _body("raise", stage_after=0))
+    assert status == 500
+    assert b'"internal_error"' in raw
