@@ -6,7 +6,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from ds2oai.server import _client_headers
 from tests.conftest import GatewayFactory
 from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script
 from tests.sse_client import read_events, spec_text
@@ -185,3 +187,12 @@ async def test_nesting_is_limited_to_128_levels(
         assert response.status == status
         if status == 400:
             assert (await response.json())["error"]["code"] == "too_deeply_nested"
+
+
+def test_headers_named_in_connection_are_not_passed_to_stages() -> None:
+    request = make_mocked_request(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-Kept": "2", "Cookie": "c"},
+    )
+    assert _client_headers(request) == {"x-kept": "2"}

@@ -337,7 +337,11 @@ def _downstream(
 
 
 def _client_headers(request: web.Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+    drop = _DROP_HEADERS
+    listed = request.headers.get("Connection")
+    if listed:  # RFC 9110 7.6.1: headers it names are hop-by-hop too
+        drop = drop | {name.strip().lower() for name in listed.split(",")}
+    return {k.lower(): v for k, v in request.headers.items() if k.lower() not in drop}
 
 
 async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.StreamResponse:
