@@ -30,7 +30,7 @@ from ds2oai.store import (
     StoreError,
     open_store,
 )
-from ds2oai.store.base import redact_url
+from ds2oai.store.base import redact_url, url_secrets
 from ds2oai.store.redis import KEY_PREFIX, RedisResponseStore
 from tests.redis_server import RedisServer, free_port
 
@@ -524,6 +524,9 @@ def test_redact_url_hides_passwords() -> None:
     assert redact_url(f"rediss://bob:{PASSWORD}@[::1]:6380/2") == "rediss://bob:***@[::1]:6380/2"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
     assert PASSWORD not in redact_url(f"unix:///s.sock?password={PASSWORD}")
+    # A password written without its colon reads as a user name: masked all the same.
+    assert redact_url(f"redis://{PASSWORD}@h:6379/0") == "redis://***@h:6379/0"
+    assert url_secrets(f"redis://{PASSWORD}@h:6379/0") == [PASSWORD]
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -214,18 +214,23 @@ def decode_item(body: bytes | bytearray | memoryview | str, response_id: str) ->
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***` (`redis://:***@host:6379/0`), for messages."""
+    """`url` with any password replaced by `***` (`redis://:***@host:6379/0`), for messages; a
+    user name without a password is masked too."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
+        if parts.password is None and parts.username is None:
             # SECURITY: a password can also hide in the query (`?password=...`).
             return url.partition("?")[0] + "?***" if parts.query else url
-        user = parts.username or ""
         host = parts.hostname or ""
         if ":" in host:
             host = f"[{host}]"
         port = f":{parts.port}" if parts.port is not None else ""
-        netloc = f"{user}:***@{host}{port}"
+        if parts.password is None:
+            # `redis://secret@host`: a password written without its colon; Redis takes it
+            # for a user name, but it was meant as the password.
+            netloc = f"***@{host}{port}"
+        else:
+            netloc = f"{parts.username or ''}:***@{host}{port}"
         query = "***" if parts.query else ""
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
@@ -233,11 +238,15 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The passwords in `url` (userinfo or `?password=`), raw and percent-decoded, for `scrub`."""
+    """The passwords in `url` (userinfo or `?password=`; a user name without a password), raw
+    and percent-decoded, for `scrub`."""
     found: list[str] = []
     try:
         parts = urlsplit(url)
-        candidates: list[str | None] = [parts.password]
+        # A lone user name may be a password written without its colon (see redact_url).
+        candidates: list[str | None] = [
+            parts.password if parts.password is not None else parts.username
+        ]
         for pair in parts.query.split("&"):
             key, _, value = pair.partition("=")
             if key.lower() == "password":
