@@ -334,6 +334,41 @@ def test_sanitize_redacts_bearer_tokens_and_masked_keys() -> None:
     assert "abcd" not in clean
 
 
+KEY = "sk-UPSTREAMSECRET1234"
+POOL_KEY = "ohk-POOLHOSTKEY777"
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "Incorrect API key provided: sk-UPSTREAM...1234",
+        "key ending in CRET1234",
+        "key starting sk-UPSTR",
+        "UPSTREAMSECRET1234 is not a valid key",
+        "SK-UPSTREAMSECRET1234",
+        "bearer SK-UPSTREAMSECRET1234",
+        "sk-UPSTREA\nMSECRET1234",
+        "sk-UPSTREA\u200bMSECRET1234",
+        "pool host key ohk-POOLHOST...KEY777 refused",
+        "OHK-POOLHOSTKEY777",
+    ],
+)
+def test_sanitize_redacts_runs_of_a_key_in_any_case(echo: str) -> None:
+    clean = sanitize_message(f"error: {echo}.", (KEY, POOL_KEY))
+    lowered = clean.lower()
+    for secret in (KEY, POOL_KEY):
+        key = secret.lower()
+        runs = {key[i : i + 8] for i in range(len(key) - 7)}
+        assert not any(run in lowered for run in runs), clean
+    assert clean.startswith("error: ")
+    assert "[redacted]" in clean
+
+
+def test_sanitize_keeps_text_that_shares_less_than_a_run_with_a_key() -> None:
+    text = "Rate limit for sk-UPS... reached; retry in 1234 ms"
+    assert sanitize_message(text, (KEY,)) == text
+
+
 def test_sanitize_keeps_ordinary_text() -> None:
     text = "Invalid model 'deepseek-chat-x': skip-this is fine"
     assert sanitize_message(text) == text

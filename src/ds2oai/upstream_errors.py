@@ -8,6 +8,7 @@ gateway's own credentials). Pure functions; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -44,21 +45,63 @@ __all__ = [
 MAX_MESSAGE = 500
 MAX_CODE = 100
 MAX_RETRY_AFTER = 86400.0
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|\*{2,}[A-Za-z0-9]{2,})")
+_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|\*{2,}[A-Za-z0-9]{2,})", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# A run this long of one of the gateway's keys, in any case, is a leak: an upstream's
+# `sk-abcd1234...wxyz` mask, "key ending in 5678abcd", a key cut in two by a line break.
+FRAGMENT = 8
 
 
 def sanitize_message(message: str, secrets: tuple[str, ...] = ()) -> str:
-    """Bound the length, drop control characters and anything that looks like a key."""
+    """Bound the length, drop control characters and anything that looks like a key: each of
+    `secrets` whole, any run of `FRAGMENT` or more of its characters in any case, and the
+    usual key shapes."""
+    # What is past this is cut below anyway: the scans need not see it.
+    message = message[: 4 * MAX_MESSAGE]
     # Longest first: a key that contains another must not leave its rest behind.
     for secret in sorted(secrets, key=len, reverse=True):
         if secret:
             message = message.replace(secret, "[redacted]")
+    message = _redact_fragments(message, secrets)
     message = _KEYLIKE.sub("[redacted]", message)
     message = _CONTROL.sub(" ", message)
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 1] + "…"
     return message
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(secret: str) -> frozenset[str]:
+    key = secret.lower()
+    return frozenset(key[i : i + FRAGMENT] for i in range(len(key) - FRAGMENT + 1))
+
+
+def _redact_fragments(message: str, secrets: tuple[str, ...]) -> str:
+    windows = frozenset().union(*(_windows(s) for s in secrets if len(s) >= FRAGMENT))
+    if not windows or len(message) < FRAGMENT:
+        return message
+    low = message.lower()
+    if len(low) != len(message):  # a few characters lower to two: keep positions aligned
+        low = "".join(c.lower()[:1] or c for c in message)
+    marked = bytearray(len(message))
+    for i in range(len(message) - FRAGMENT + 1):
+        if low[i : i + FRAGMENT] in windows:
+            marked[i : i + FRAGMENT] = b"\x01" * FRAGMENT
+    if not any(marked):
+        return message
+    out: list[str] = []
+    i = 0
+    while i < len(message):
+        if marked[i]:
+            while i < len(message) and marked[i]:
+                i += 1
+            out.append("[redacted]")
+        else:
+            start = i
+            while i < len(message) and not marked[i]:
+                i += 1
+            out.append(message[start:i])
+    return "".join(out)
 
 
 def sanitize_code(code: str, secrets: tuple[str, ...] = ()) -> str:
