@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from ds2oai.config import config_from_mapping
 from ds2oai.errors import ConfigError, GatewayError
 from ds2oai.store import (
     MemoryResponseStore,
@@ -530,6 +531,13 @@ def test_redact_url_hides_passwords() -> None:
 
 
 # -- configuration -------------------------------------------------------------------------
+
+
+def test_a_store_redis_url_that_is_not_one_is_refused_at_load() -> None:
+    data = {"store": {"backend": "redis", "redis_url": f"notaurl://:{PASSWORD}@h"}}
+    with pytest.raises(ConfigError, match=r"store\.redis_url: must start with") as info:
+        config_from_mapping(data)
+    assert PASSWORD not in str(info.value)
 
 
 def test_store_config_defaults_are_a_sqlite_file_under_data() -> None:

@@ -396,8 +396,9 @@ def _validate_auth_and_limits(config: Config) -> None:
             raise ConfigError(f"limits.{limit}: must be >= 0 (0 = unlimited)")
     if limits.on_redis_error not in ("open", "closed"):
         raise ConfigError("limits.on_redis_error: one of open, closed")
-    if limits.redis_url and not limits.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("limits.redis_url: must start with redis://, rediss:// or unix://")
+    for name, url in (("limits", limits.redis_url), ("store", config.store.redis_url)):
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{name}.redis_url: must start with redis://, rediss:// or unix://")
 
 
 def _validate(config: Config) -> None:
