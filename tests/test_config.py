@@ -366,3 +366,10 @@ def test_numbers_that_are_not_usable_stop_start_up(tmp_path: Path, toml: str, me
     path.write_text(toml)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(path, {})
+
+
+@pytest.mark.parametrize("key", ["sk-abc\n", "sk-a\r\nX-Evil: 1", "sk a", "sk-é"])
+def test_an_upstream_key_that_cannot_go_in_a_header_is_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match="upstream key") as info:
+        load_config(None, env={"DEEPSEEK_API_KEY": key})
+    assert key.strip() not in str(info.value)

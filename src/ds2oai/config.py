@@ -420,6 +420,13 @@ def _validate(config: Config) -> None:
         raise ConfigError("server.workers: must be at least 1")
     if not u.base_url.startswith(("http://", "https://")):
         raise ConfigError("upstream.base_url: must start with http:// or https://")
+    for key in config.upstream_secrets():
+        # It goes into a header line as it is (a stray newline from `echo` or a file, say).
+        if not (key.isascii() and key.isprintable()) or " " in key:
+            raise ConfigError(
+                "upstream key (DEEPSEEK_API_KEY, or a [pool.*] host's key_env): must be "
+                "printable ASCII with no spaces or line breaks"
+            )
     for name in ("read_timeout", "connect_timeout"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"upstream.{name}: must be positive")
