@@ -373,3 +373,10 @@ def test_an_upstream_key_that_cannot_go_in_a_header_is_refused(key: str) -> None
     with pytest.raises(ConfigError, match="upstream key") as info:
         load_config(None, env={"DEEPSEEK_API_KEY": key})
     assert key.strip() not in str(info.value)
+
+
+def test_a_key_is_either_a_named_client_or_in_api_keys() -> None:
+    data = {"auth": {"api_keys": ["sk-shared-1"], "clients": {"team": {"key": "sk-shared-1"}}}}
+    with pytest.raises(ConfigError, match=r"auth\.clients\.team: same key as one of") as info:
+        config_from_mapping(data)
+    assert "sk-shared-1" not in str(info.value)

@@ -389,6 +389,9 @@ def _validate_auth_and_limits(config: Config) -> None:
         if client.key:
             if client.key in seen:
                 raise ConfigError(f"{prefix}: same key as auth.clients.{seen[client.key]}")
+            if client.key in config.auth.api_keys:
+                # Which would it be: the named client with its models and limits, or not?
+                raise ConfigError(f"{prefix}: same key as one of auth.api_keys")
             seen[client.key] = name
     limits = config.limits
     for limit in _CLIENT_LIMITS:
