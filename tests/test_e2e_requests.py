@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from ds2oai.server import _client_headers
 from tests.conftest import GatewayFactory
@@ -193,6 +194,15 @@ def test_headers_named_in_connection_are_not_passed_to_stages() -> None:
     request = make_mocked_request(
         "POST",
         "/v1/chat/completions",
-        headers={"Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-Kept": "2", "Cookie": "c"},
+        headers=CIMultiDict(
+            [
+                ("Connection", "keep-alive, X-Hop"),
+                ("Connection", "X-Other"),
+                ("X-Hop", "1"),
+                ("X-Other", "3"),
+                ("X-Kept", "2"),
+                ("Cookie", "c"),
+            ]
+        ),
     )
     assert _client_headers(request) == {"x-kept": "2"}

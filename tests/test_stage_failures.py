@@ -28,8 +28,10 @@ TOKENS = [f"t{i} " for i in range(8)]
 
 class Faulty:
     """Wraps the streamed body; `stage_fault` in the client's body says how it misbehaves
-    after `stage_after` items: "raise", "client_error", "stop" (ends the body early) or
-    "raise_at_end" (passes every item, then raises when pulled once more)."""
+    after `stage_after` items: "raise", "client_error", "stop" (ends the body early),
+    "raise_at_end" (passes every item, then raises when pulled once more), "conn_at_end" (the
+    same with a `ConnectionResetError` of its own, not the client's), or on the item that
+    carries the answer's end: "raise_last" or "stop_last"."""
 
     name = "faulty"
 
@@ -47,7 +49,12 @@ async def _misbehave(
 ) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for item in body:
-        if item and seen == after and fault != "raise_at_end":
+        if fault in ("raise_last", "stop_last"):
+            if b"[DONE]" in item or b"response.completed" in item:
+                if fault == "raise_last":
+                    raise ClientError(451, "invalid_request_error", "blocked", "Blocked by policy")
+                return
+        elif item and seen == after and not fault.endswith("_at_end"):
             if fault == "raise":
                 raise RuntimeError("stage bug")
             if fault == "client_error":
@@ -57,6 +64,38 @@ async def _misbehave(
         seen += bool(item)
     if fault == "raise_at_end":
         raise RuntimeError("stage bug at the end")
+    if fault == "conn_at_end":
+        raise ConnectionResetError("the stage's own socket")
+
+
+class Fallback:
+    """Answers a canned chat stream when the upstream fails before the answer's first byte."""
+
+    name = "fallback"
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        reply = await call_next(exchange)
+        if isinstance(reply.body, bytes):
+            return reply
+        return Reply(reply.status, reply.headers, _fallback(reply.body))
+
+
+CANNED = (
+    b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"m","choices":'
+    b'[{"index":0,"delta":{"role":"assistant","content":"sorry"},"finish_reason":"stop"}]}'
+    b"\n\ndata: [DONE]\n\n"
+)
+
+
+async def _fallback(body: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    try:
+        first = await anext(body)
+    except ClientError:
+        yield CANNED
+        return
+    yield first
+    async for item in body:
+        yield item
 
 
 CHAIN = {"chain": ["tests.test_stage_failures:Faulty", "auth", "retry", "reframe"]}
@@ -192,3 +231,81 @@ async def test_a_failure_before_the_first_item_is_still_an_http_error(
     status, raw = await _post(server, "/v1/chat/completions", _body("raise", stage_after=0))
     assert status == 500
     assert b'"internal_error"' in raw
+
+
+@pytest.mark.parametrize("fault", ["raise_last", "stop_last"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
+async def test_an_end_a_stage_drops_is_still_an_error_event(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, fault: str, path: str
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, path, _body(fault))
+    assert status == 200
+    events = parse_events(raw)
+    if path == "/v1/chat/completions":
+        assert events[-1].event == "response.error"
+        assert not any(e.event == "response.completed" for e in events)
+    else:
+        assert events[-1].data == "[DONE]"
+        assert "error" in events[-2].json()
+        assert raw.count(b"[DONE]") == 1
+
+
+async def test_a_responses_end_a_stage_drops_is_an_error_event(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    body = {"model": "deepseek-chat", "input": "hi", "stream": True, "stage_fault": "raise_last"}
+    status, raw = await _post(server, "/v1/responses", body)
+    assert status == 200
+    events = parse_events(raw)
+    assert events[-1].event == "error"
+    assert events[-1].json()["code"] == "blocked"
+    numbers = [e.json()["sequence_number"] for e in events]
+    assert numbers == sorted(set(numbers))
+
+
+async def test_a_responses_stream_a_stage_cut_short_is_stored_as_failed(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    body = {"model": "deepseek-chat", "input": "hi", "stream": True, "stage_fault": "raise"}
+    _, raw = await _post(server, "/v1/responses", {**body, "stage_after": 5})
+    response_id = parse_events(raw)[0].json()["response"]["id"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url(f"/v1/responses/{response_id}")) as got,
+    ):
+        assert got.status == 200
+        assert (await got.json())["status"] == "failed"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
+async def test_a_stages_own_connection_error_is_not_a_client_disconnect(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str
+) -> None:
+    # The sink held the answer's end when the stage failed: the answer goes out whole.
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, path, _body("conn_at_end"))
+    assert status == 200
+    events = parse_events(raw)
+    if path == "/v1/chat/completions":
+        assert events[-1].event == "response.completed"
+    else:
+        assert events[-1].data == "[DONE]"
+        assert not any("error" in e.data for e in events)
+
+
+async def test_a_stage_that_recovers_from_an_early_failure_ends_as_it_says(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    fault_upstream.queue(sse_script([]))  # an SSE head, then the end: no chunk at all
+    chain = {"chain": ["tests.test_stage_failures:Fallback", "auth", "retry", "reframe"]}
+    server = await gateway(fault_upstream.url, middleware=chain)
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
+    status, raw = await _post(server, "/openai/v1/chat/completions", {**body, "stream": True})
+    assert (status, raw) == (200, CANNED)

@@ -157,9 +157,9 @@ class Trace:
     malformed_chunks: int = 0
     resumes: int = 0
     resume_outcome: str | None = None
-    # The reframe stage is streaming an answer whose terminal event it has not yet produced: a
-    # stage outside it that fails, or ends the body, now cuts the answer short (the sink then
-    # ends it with the dialect's error event).
+    # The reframe stage is streaming an answer whose terminal event has not yet been taken from
+    # it: a stage outside it that fails, or ends the body, now cuts the answer short (the sink
+    # then ends it with the dialect's error event).
     answer_open: bool = False
 
 

@@ -338,9 +338,9 @@ def _downstream(
 
 def _client_headers(request: web.Request) -> dict[str, str]:
     drop = _DROP_HEADERS
-    listed = request.headers.get("Connection")
+    listed = request.headers.getall("Connection", ())
     if listed:  # RFC 9110 7.6.1: headers it names are hop-by-hop too
-        drop = drop | {name.strip().lower() for name in listed.split(",")}
+        drop = drop | {name.strip().lower() for line in listed for name in line.split(",")}
     return {k.lower(): v for k, v in request.headers.items() if k.lower() not in drop}
 
 
@@ -415,25 +415,30 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                         extra={"request_id": exchange.request_id},
                     )
                     await body.aclose()
-                    await response.write_eof(_cut_short(exchange, None))
+                    await response.write_eof(await _cut_short(exchange, None))
                 else:
                     await response.write_eof()
             if not measured:
                 _added_latency(trace)
-        except ConnectionError:
-            # The client went away mid-stream: stop reading upstream (finally closes it).
-            trace.outcome = "client_cancelled"
         except Exception as exc:
+            transport = request.transport
+            if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+                # The client went away mid-stream: stop reading upstream (finally closes it).
+                trace.outcome = "client_cancelled"
+                return response
             # A stage failed after the head went out: the status is sent, so the answer ends
-            # with its dialect's error event (or, if its end was already made, that end).
+            # with its dialect's error event, or with its end if the sink holds it already.
             log.exception(
                 "a stage failed mid-stream; the answer ends with an error event",
                 extra={"request_id": exchange.request_id},
             )
             await body.aclose()
-            ending = item if type(item) is LastChunk else b""
-            if trace.answer_open:
-                ending += _cut_short(exchange, exc)
+            if type(item) is LastChunk:
+                ending: bytes = item
+            elif trace.answer_open:
+                ending = await _cut_short(exchange, exc)
+            else:
+                ending = b""
             with contextlib.suppress(ConnectionError):
                 await response.write_eof(ending)
         return response
@@ -467,10 +472,19 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     return await _send(request, exchange, reply)
 
 
-def _cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
-    exchange.trace.answer_open = False
-    exchange.trace.outcome = "upstream_broken"  # SPEC §6's outcomes: the stream broke
-    return cut_short(exchange, error)
+async def _cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
+    """The error event that ends an answer a stage cut short; the route's end-of-answer hook
+    runs as reframe runs it for its own ends (a Responses stream is stored as failed)."""
+    trace = exchange.trace
+    trace.answer_open = False
+    trace.outcome = "upstream_broken"  # SPEC §6's outcomes: the stream broke
+    ending = cut_short(exchange, error)
+    if exchange.on_end is not None:
+        try:
+            await exchange.on_end()
+        except Exception:
+            log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
+    return ending
 
 
 def _added_latency(trace: Trace) -> bool:

@@ -44,4 +44,5 @@ class Dialect(Protocol):
 
     def fail(self, type_: str, code: str, message: str) -> bytes:
         """End the stream now with the gateway's own error (a stage failed after the head went
-        out): the terminal error bytes, outcome `upstream_broken`; b"" once it has ended."""
+        out): the terminal error bytes, outcome `upstream_broken`. Called only while the
+        client has no terminal event (one made but lost on the way still counts as none)."""

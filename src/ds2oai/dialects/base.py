@@ -96,7 +96,8 @@ class ChunkDialect:
 
     def fail(self, type_: str, code: str, message: str) -> bytes:
         if self._state is State.ENDED:
-            return b""
+            # The chat-shaped error events carry no state: an ended dialect writes one too.
+            return self._error("upstream_broken", type_, message, code)
         return self._end_error("upstream_broken", type_, message, code)
 
     def _end_completed(self) -> bytes:

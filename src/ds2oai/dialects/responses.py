@@ -343,7 +343,9 @@ class ResponsesDialect:
     def fail(self, type_: str, code: str, message: str) -> bytes:
         # A Response's error code is one of OpenAI's fixed set: `_failed` writes server_error.
         if self._state is _State.ENDED:
-            return b""
+            # Its terminal event was made but never reached the client (a stage dropped it):
+            # the stream's own `error` event, numbered on.
+            return self._emit("error", {"code": code, "message": message, "param": None})
         out = self._start() if self._state is _State.WAITING else b""
         return out + self._failed("upstream_broken", message)
 

@@ -358,7 +358,6 @@ class Reframe:
         return Reply.json(200, result)
 
     async def _end(self, exchange: Exchange) -> None:
-        exchange.trace.answer_open = False  # the terminal event is made: the answer is whole
         if exchange.on_end is None:
             return
         try:
@@ -518,6 +517,8 @@ class Reframe:
                     sent = started = True
                     if dialect.outcome is not None:
                         yield LastChunk(b"".join(parts))
+                        # Pulled past the end: the terminal event reached the stage outside.
+                        exchange.trace.answer_open = False
                         return
                     # Kept from here too: a read that the dialect turns into nothing (thinking
                     # on the spec route) may then be spliced before any text was.
@@ -528,6 +529,7 @@ class Reframe:
                 elif sent:
                     idle = True
                 if dialect.outcome is not None:
+                    exchange.trace.answer_open = False  # an end that writes nothing
                     return
                 if resumed is not None:
                     await body.aclose()
@@ -535,6 +537,8 @@ class Reframe:
                     reader.restart()
         finally:
             trace = exchange.trace
+            if not sent:  # failed before its first byte: an HTTP error, nothing to end
+                trace.answer_open = False
             trace.outcome = trace.outcome or dialect.outcome
             if progress is not None and progress.attempts:
                 trace.resumes = progress.attempts
