@@ -21,7 +21,7 @@ from ds2oai.chain import Exchange, Next, Reply
 from ds2oai.errors import ClientError
 from tests.conftest import GatewayFactory
 from tests.fault_upstream import FaultUpstream, sse_script, text_events
-from tests.sse_client import parse_events, spec_text
+from tests.sse_client import Event, parse_events, spec_text
 
 TOKENS = [f"t{i} " for i in range(8)]
 
@@ -111,6 +111,17 @@ def _body(fault: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+async def _events(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str, body: dict[str, Any]
+) -> list[Event]:
+    """A paced answer through the faulty stage: the events the client got (with a 200)."""
+    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    status, raw = await _post(server, path, body)
+    assert status == 200
+    return parse_events(raw)
+
+
 async def _post(server: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
     async with (
         aiohttp.ClientSession() as session,
@@ -127,12 +138,8 @@ async def test_spec_route_ends_with_an_error_event(
     fault: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
     with caplog.at_level(logging.ERROR, "ds2oai"):
-        status, raw = await _post(server, "/v1/chat/completions", _body(fault))
-    assert status == 200
-    events = parse_events(raw)
+        events = await _events(fault_upstream, gateway, "/v1/chat/completions", _body(fault))
     assert spec_text(events) == "".join(TOKENS[:1])  # the first item was the role chunk's
     assert events[-1].event == "response.error"
     assert events[-1].json() == {
@@ -150,11 +157,8 @@ async def test_spec_route_ends_with_an_error_event(
 async def test_a_client_error_raised_mid_stream_is_the_error_event(
     fault_upstream: FaultUpstream, gateway: GatewayFactory
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
-    status, raw = await _post(server, "/openai/v1/chat/completions", _body("client_error"))
-    assert status == 200
-    events = parse_events(raw)
+    path = "/openai/v1/chat/completions"
+    events = await _events(fault_upstream, gateway, path, _body("client_error"))
     assert events[-1].data == "[DONE]"
     assert events[-2].json() == {
         "error": {
@@ -192,12 +196,8 @@ async def test_the_sdk_raises_on_the_chat_route(
 async def test_responses_route_ends_in_response_failed(
     fault_upstream: FaultUpstream, gateway: GatewayFactory
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
     body = {"model": "deepseek-chat", "input": "hi", "stream": True, "stage_fault": "raise"}
-    status, raw = await _post(server, "/v1/responses", {**body, "stage_after": 5})
-    assert status == 200
-    events = parse_events(raw)
+    events = await _events(fault_upstream, gateway, "/v1/responses", {**body, "stage_after": 5})
     # Rising (the item the stage failed on, with its number, never reached the client).
     numbers = [e.json()["sequence_number"] for e in events]
     assert numbers == sorted(set(numbers))
@@ -206,15 +206,14 @@ async def test_responses_route_ends_in_response_failed(
     assert sum(e.event in ("response.completed", "response.failed") for e in events) == 1
 
 
+@pytest.mark.parametrize("fault", ["raise_at_end", "conn_at_end"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
 async def test_a_failure_after_the_answer_ended_adds_nothing(
-    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str, fault: str
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
-    status, raw = await _post(server, path, _body("raise_at_end"))
-    assert status == 200
-    events = parse_events(raw)
+    # The sink held the answer's end when the stage failed: the answer goes out whole. A
+    # stage's own `ConnectionError` ("conn_at_end") is not the client's going away.
+    events = await _events(fault_upstream, gateway, path, _body(fault))
     if path == "/v1/chat/completions":
         assert spec_text(events) == "".join(TOKENS)
         assert events[-1].event == "response.completed"
@@ -238,29 +237,21 @@ async def test_a_failure_before_the_first_item_is_still_an_http_error(
 async def test_an_end_a_stage_drops_is_still_an_error_event(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, fault: str, path: str
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
-    status, raw = await _post(server, path, _body(fault))
-    assert status == 200
-    events = parse_events(raw)
+    events = await _events(fault_upstream, gateway, path, _body(fault))
     if path == "/v1/chat/completions":
         assert events[-1].event == "response.error"
         assert not any(e.event == "response.completed" for e in events)
     else:
         assert events[-1].data == "[DONE]"
         assert "error" in events[-2].json()
-        assert raw.count(b"[DONE]") == 1
+        assert sum(e.data == "[DONE]" for e in events) == 1
 
 
 async def test_a_responses_end_a_stage_drops_is_an_error_event(
     fault_upstream: FaultUpstream, gateway: GatewayFactory
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
     body = {"model": "deepseek-chat", "input": "hi", "stream": True, "stage_fault": "raise_last"}
-    status, raw = await _post(server, "/v1/responses", body)
-    assert status == 200
-    events = parse_events(raw)
+    events = await _events(fault_upstream, gateway, "/v1/responses", body)
     assert events[-1].event == "error"
     assert events[-1].json()["code"] == "blocked"
     numbers = [e.json()["sequence_number"] for e in events]
@@ -281,23 +272,6 @@ async def test_a_responses_stream_a_stage_cut_short_is_stored_as_failed(
     ):
         assert got.status == 200
         assert (await got.json())["status"] == "failed"
-
-
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
-async def test_a_stages_own_connection_error_is_not_a_client_disconnect(
-    fault_upstream: FaultUpstream, gateway: GatewayFactory, path: str
-) -> None:
-    # The sink held the answer's end when the stage failed: the answer goes out whole.
-    fault_upstream.queue(sse_script(text_events(TOKENS), delay=0.005))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
-    status, raw = await _post(server, path, _body("conn_at_end"))
-    assert status == 200
-    events = parse_events(raw)
-    if path == "/v1/chat/completions":
-        assert events[-1].event == "response.completed"
-    else:
-        assert events[-1].data == "[DONE]"
-        assert not any("error" in e.data for e in events)
 
 
 async def test_a_stage_that_recovers_from_an_early_failure_ends_as_it_says(

@@ -139,20 +139,17 @@ class EventReader:
         self, payload: bytes
     ) -> tuple[TextTemplate | None, type[TextDelta | ReasoningDelta]]:
         """The template (and its event kind) whose prefix and suffix `payload` has, if any."""
-        template = self._template
-        if (
-            template is not None
-            and payload.startswith(template.prefix)
-            and payload.endswith(template.suffix)
-        ):
-            return template, TextDelta
-        template = self._reasoning
-        if (
-            template is not None
-            and payload.startswith(template.prefix)
-            and payload.endswith(template.suffix)
-        ):
-            return template, ReasoningDelta
+        kinds: tuple[tuple[TextTemplate | None, type[TextDelta | ReasoningDelta]], ...] = (
+            (self._template, TextDelta),
+            (self._reasoning, ReasoningDelta),
+        )
+        for template, kind in kinds:
+            if (
+                template is not None
+                and payload.startswith(template.prefix)
+                and payload.endswith(template.suffix)
+            ):
+                return template, kind
         return None, TextDelta
 
     def _run(
