@@ -355,7 +355,7 @@ async def test_hundreds_of_half_open_connections_do_not_block_normal_requests(
             writer.write(b"POST /v1/chat/comp" if i % 2 else b"GET /healthz HTTP/1.1\r\nHo")
             conns.append(writer)
             if i % 50 == 49:
-                await asyncio.sleep(0.02)  # the gateway's listen backlog is aiohttp's 128
+                await asyncio.sleep(0.02)  # paced: this is about stalls, not the listen backlog
         await asyncio.sleep(0.2)
         await assert_serves(gw, n=20)
     finally:
