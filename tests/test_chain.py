@@ -227,6 +227,12 @@ def test_client_keys_without_the_auth_stage_refuse_to_start(auth: dict[str, Any]
     build_middleware(middleware_config(["retry", "reframe"]), BUILTINS)
 
 
+def test_an_unknown_name_is_an_error_listing_the_built_ins() -> None:
+    message = build_error(middleware_config(["limitz", "reframe"]))
+    assert "'limitz'" in message
+    assert "auth, limits, rate_limit, reframe, retry" in message
+
+
 def test_extra_from_module_attr_gets_its_options_as_keyword_arguments(
     extra: tuple[str, str],
 ) -> None:

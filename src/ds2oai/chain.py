@@ -259,10 +259,13 @@ def _bind(middleware: Middleware, call_next: Next) -> Next:
 BuiltinFactory = Callable[[Config], Middleware]
 
 
-def _import_entry(entry: str, paths: Sequence[str]) -> Any:
+def _import_entry(entry: str, paths: Sequence[str], builtin_names: Sequence[str]) -> Any:
     module_name, _, attr = entry.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"middleware.chain: {entry!r} is neither a built-in nor 'module:attr'")
+        raise ConfigError(
+            f"middleware.chain: {entry!r} is neither a built-in "
+            f"({', '.join(builtin_names)}) nor 'module:attr'"
+        )
     for path in paths:
         resolved = str(Path(path).resolve())
         if resolved not in sys.path:
@@ -305,7 +308,7 @@ def build_middleware(config: Config, builtins: Mapping[str, BuiltinFactory]) -> 
                 )
             middleware = builtins[entry](config)
         else:
-            factory = _import_entry(entry, section.paths)
+            factory = _import_entry(entry, section.paths, sorted(builtins))
             if not callable(factory):
                 raise ConfigError(f"middleware.chain: {entry!r} is not callable")
             declared = getattr(factory, "name", None)

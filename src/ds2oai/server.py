@@ -232,7 +232,21 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
     logs.info(access, "request", entry)
 
 
+# What a request body may be encoded with (aiohttp inflates these; it would pass any other
+# unknown name through as if the body were plain).
+_BODY_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity", ""})
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _BODY_ENCODINGS:
+        raise ClientError(
+            400,
+            "invalid_request_error",
+            "invalid_body_encoding",
+            f"Content-Encoding {encoding[:40]!r} is not supported (gzip or deflate)",
+            headers={"Connection": "close"},
+        )
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(
             413,
