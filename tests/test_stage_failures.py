@@ -31,13 +31,16 @@ class Faulty:
     after `stage_after` items: "raise", "client_error", "stop" (ends the body early),
     "raise_at_end" (passes every item, then raises when pulled once more), "conn_at_end" (the
     same with a `ConnectionResetError` of its own, not the client's), or on the item that
-    carries the answer's end: "raise_last" or "stop_last"."""
+    carries the answer's end: "raise_last" or "stop_last". "bad_header" sets a reply header
+    with a line break instead."""
 
     name = "faulty"
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
         reply = await call_next(exchange)
         fault = exchange.client_body.get("stage_fault")
+        if fault == "bad_header":  # a header no HTTP head can carry
+            return Reply(reply.status, {**reply.headers, "X-Bad": "a\r\nInjected: 1"}, reply.body)
         if fault is None or isinstance(reply.body, bytes):
             return reply
         after = int(exchange.client_body.get("stage_after", 2))
@@ -283,3 +286,20 @@ async def test_a_stage_that_recovers_from_an_early_failure_ends_as_it_says(
     body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
     status, raw = await _post(server, "/openai/v1/chat/completions", {**body, "stream": True})
     assert (status, raw) == (200, CANNED)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_header_with_a_line_break_is_a_json_500_not_a_broken_head(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool
+) -> None:
+    fault_upstream.queue(sse_script(text_events(TOKENS)))
+    server = await gateway(fault_upstream.url, middleware=CHAIN)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"), json={**_body("bad_header"), "stream": stream}
+        ) as response,
+    ):
+        assert response.status == 500
+        assert "Injected" not in response.headers
+        assert (await response.json())["error"]["code"] == "internal_error"

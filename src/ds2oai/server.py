@@ -373,12 +373,17 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             retried=reply.retried,
         )
     headers = {**reply.headers, "X-Request-Id": exchange.request_id}
+    unsendable = _line_break_in(headers)
     if isinstance(reply.body, bytes):
+        if unsendable:
+            raise _unsendable_headers(exchange)
         return web.Response(status=reply.status, body=reply.body, headers=headers)
     body = reply.body
     trace = exchange.trace
     in_flight = False
     try:
+        if unsendable:
+            raise _unsendable_headers(exchange)  # before anything went out: a JSON 500
         try:
             first: bytes | None = await anext(body)
         except StopAsyncIteration:
@@ -484,6 +489,20 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     request[_EXCHANGE] = exchange
     reply = await request.app[CHAIN](exchange)
     return await _send(request, exchange, reply)
+
+
+def _line_break_in(headers: dict[str, str]) -> bool:
+    # aiohttp refuses such a header only when it writes the head, which for a stream is with
+    # its first bytes: too late for a clean error.
+    return any("\n" in v or "\r" in v or "\n" in k or "\r" in k for k, v in headers.items())
+
+
+def _unsendable_headers(exchange: Exchange) -> ClientError:
+    log.error(
+        "a stage set a header with a line break; answering 500",
+        extra={"request_id": exchange.request_id},
+    )
+    return ClientError(500, "server_error", "internal_error", "Internal gateway error")
 
 
 async def _cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
