@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ds2oai.chain import Exchange, Next, Reply
 from tests.conftest import ROOT, free_port, wait_http
 from tests.fault_upstream import FaultUpstream, Hang, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
@@ -27,12 +28,12 @@ LONG = [f"l{i} " for i in range(100)]
 
 @contextlib.contextmanager
 def gateway_process(
-    tmp_path: Path, upstream_url: str, grace: float
+    tmp_path: Path, upstream_url: str, grace: float, extra: str = ""
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`ds2oai serve` as a real process (signals reach it as they would in production); killed
-    on the way out if a test left it running."""
+    on the way out if a test left it running. `extra`: more of its TOML config."""
     config = tmp_path / "gw.toml"
-    config.write_text(f'[server]\nshutdown_grace = {grace}\n[store]\nbackend = "memory"\n')
+    config.write_text(f'[server]\nshutdown_grace = {grace}\n[store]\nbackend = "memory"\n{extra}')
     port = free_port()
     env = {**os.environ, "UPSTREAM_BASE_URL": upstream_url, "DS2OAI_CONFIG": str(config)}
     proc = subprocess.Popen(
@@ -130,3 +131,38 @@ async def test_a_request_still_waiting_for_the_upstream_gets_a_502_at_the_cut(
     assert status == 502
     assert "shutting down" in body["error"]["message"]
     assert len(upstream.requests) == 1  # not sent again
+
+
+class Hangs:
+    """A stage that never calls on (a bug, or a wait on something that never comes)."""
+
+    name = "hangs"
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        await asyncio.Event().wait()
+        raise AssertionError("never reached")
+
+
+async def test_a_request_a_stage_holds_past_the_grace_gets_a_503_and_the_exit_is_prompt(
+    tmp_path: Path,
+) -> None:
+    chain = '[middleware]\nchain = ["tests.test_shutdown:Hangs", "auth", "retry", "reframe"]\n'
+    async with FaultUpstream() as upstream:
+        with gateway_process(tmp_path, upstream.url, grace=1.5, extra=chain) as (proc, url):
+            async with aiohttp.ClientSession() as client:
+                payload = {"messages": [], "stream": True}
+                request = asyncio.ensure_future(
+                    client.post(url + "/v1/chat/completions", json=payload)
+                )
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                async with await request as resp:
+                    status, body = resp.status, await resp.json()
+            rc = await asyncio.to_thread(proc.wait, 10)
+            exited_after = time.monotonic() - started
+    assert rc == 0
+    assert (status, body["error"]["code"]) == (503, "shutting_down")
+    # The grace, then about a second: aiohttp would have waited the grace and its margin twice.
+    assert exited_after < 1.5 + 2.0
+    assert upstream.requests == []

@@ -72,6 +72,8 @@ MODEL_LABELS: web.AppKey[frozenset[str]] = web.AppKey("model_labels")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID = web.RequestKey("request_id", str)
+# The tasks handling a request right now, for the shutdown to cancel what outlives its grace.
+_HANDLERS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("handlers")
 _PREPARED = web.RequestKey("prepared", bool)
 _EXCHANGE = web.RequestKey("exchange", Exchange)
 
@@ -120,6 +122,10 @@ async def error_boundary(
     request[REQUEST_ID] = request_id
     started = time.monotonic()
     status = 500
+    handlers = request.app[_HANDLERS]
+    task = asyncio.current_task()
+    if task is not None:
+        handlers.add(task)
     try:
         response = await handler(request)
         status = response.status
@@ -144,7 +150,19 @@ async def error_boundary(
             exc.status, "invalid_request_error", code, message, headers=_allow_header(exc)
         )
         return _error_response(err, request_id)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        if _SHUTDOWN_CUT in exc.args and task is not None and not request.get(_PREPARED):
+            # Our own cancel (the shutdown grace is over) and nothing sent yet: say so.
+            task.uncancel()
+            status = 503
+            err = ClientError(
+                503,
+                "server_error",
+                "shutting_down",
+                "The gateway is shutting down; try again",
+                headers={"Connection": "close"},
+            )
+            return _error_response(err, request_id)
         status = 499
         raise
     except Exception:
@@ -155,6 +173,8 @@ async def error_boundary(
         err = ClientError(500, "server_error", "internal_error", "Internal gateway error")
         return _error_response(err, request_id)
     finally:
+        if task is not None:
+            handlers.discard(task)
         _record(request, status)
         _log_request(request, request_id, status, started)
 
@@ -795,6 +815,18 @@ async def _drain_on_shutdown(app: web.Application) -> None:
         client.abort_all,
         "The gateway is shutting down; the answer was cut",
     )
+    # What still runs just before aiohttp's own deadline waits on something no upstream cut
+    # ends (a stage that hangs, say). aiohttp would only fail its request body, wait the
+    # whole `shutdown_timeout` again and then cancel it; cancel it now instead.
+    loop.call_later(grace + 0.9 * SHUTDOWN_MARGIN, _cancel_handlers, app[_HANDLERS])
+
+
+_SHUTDOWN_CUT = "ds2oai: shutdown grace over"
+
+
+def _cancel_handlers(handlers: set[asyncio.Task[Any]]) -> None:
+    for task in list(handlers):
+        task.cancel(_SHUTDOWN_CUT)
 
 
 def create_app(config: Config, *, owns_process: bool = False) -> web.Application:
@@ -810,6 +842,7 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
     app[CONFIG] = config
     app[MODEL_LABELS] = frozenset(config.models.exposed_names())
     app[OWNS_PROCESS] = owns_process
+    app[_HANDLERS] = set()
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_metrics_ctx)
     app.on_shutdown.append(_drain_on_shutdown)
