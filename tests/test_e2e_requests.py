@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,10 @@ from tests.sse_client import read_events, spec_text
 
 
 async def post_raw(
-    client: aiohttp.ClientSession, url: Any, data: bytes, headers: dict[str, str] | None = None
+    client: aiohttp.ClientSession,
+    url: Any,
+    data: bytes,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     async with client.post(url, data=data, headers=headers or {}) as resp:
         assert resp.content_type == "application/json"
@@ -155,22 +160,24 @@ async def test_max_completion_tokens_reaches_deepseek_as_max_tokens(
     assert {k: upstream[k] for k in ("max_tokens", "temperature") if k in upstream} == sent
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "x-foo", "compress", "gzip, br"])
+@pytest.mark.parametrize(
+    "encoding", ["gzip", "x-foo", "compress", "gzip, br", "x-gzip", ["gzip", "snappy"]]
+)
 async def test_a_body_that_is_not_what_its_content_encoding_says_is_400(
     fault_upstream: FaultUpstream,
     gateway: GatewayFactory,
     client: aiohttp.ClientSession,
-    encoding: str,
+    encoding: str | list[str],
 ) -> None:
-    # A plain body labelled gzip, or labelled with an encoding the gateway cannot undo.
+    # A plain body labelled gzip, or labelled with an encoding (or two header lines of them)
+    # the gateway cannot undo.
     server = await gateway(fault_upstream.url)
     data = b'{"messages": [], "stream": true}'
-    status, error = await post_raw(
-        client,
-        server.make_url("/v1/chat/completions"),
-        data,
-        headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
-    )
+    lines = [encoding] if isinstance(encoding, str) else encoding
+    headers = CIMultiDict([("Content-Type", "application/json")])
+    for line in lines:
+        headers.add("Content-Encoding", line)
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), data, headers)
     assert (status, error["code"]) == (400, "invalid_body_encoding")
     assert fault_upstream.requests == []
 
@@ -211,3 +218,23 @@ def test_headers_named_in_connection_are_not_passed_to_stages() -> None:
         ),
     )
     assert _client_headers(request) == {"x-kept": "2"}
+
+
+async def test_an_error_that_says_close_closes_the_connection(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory
+) -> None:
+    # A pipelined second request on the same connection gets no answer: the first one's body
+    # was never read, so nothing after it on that connection can be trusted.
+    server = await gateway(fault_upstream.url)
+    body = b'{"messages": [], "stream": true}'
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: snappy\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" % (len(body), body)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)  # to the end of the connection
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.count(b"HTTP/1.1 ") == 1

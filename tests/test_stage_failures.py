@@ -40,7 +40,8 @@ class Faulty:
         reply = await call_next(exchange)
         fault = exchange.client_body.get("stage_fault")
         if fault == "bad_header":  # a header no HTTP head can carry
-            return Reply(reply.status, {**reply.headers, "X-Bad": "a\r\nInjected: 1"}, reply.body)
+            value = exchange.client_body.get("stage_header", "a\r\nInjected: 1")
+            return Reply(reply.status, {**reply.headers, "X-Bad": value}, reply.body)
         if fault is None or isinstance(reply.body, bytes):
             return reply
         after = int(exchange.client_body.get("stage_after", 2))
@@ -288,18 +289,27 @@ async def test_a_stage_that_recovers_from_an_early_failure_ends_as_it_says(
     assert (status, raw) == (200, CANNED)
 
 
+@pytest.mark.parametrize("value", ["a\r\nInjected: 1", "a\x00b", "esc\x1b", "del\x7f", 5])
 @pytest.mark.parametrize("stream", [True, False])
-async def test_a_header_with_a_line_break_is_a_json_500_not_a_broken_head(
-    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool
+async def test_a_header_no_head_can_carry_is_a_json_500_not_a_broken_head(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool, value: object
 ) -> None:
-    fault_upstream.queue(sse_script(text_events(TOKENS)))
-    server = await gateway(fault_upstream.url, middleware=CHAIN)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            server.make_url("/v1/chat/completions"), json={**_body("bad_header"), "stream": stream}
-        ) as response,
-    ):
-        assert response.status == 500
-        assert "Injected" not in response.headers
-        assert (await response.json())["error"]["code"] == "internal_error"
+    # A per-key concurrency limit of one: the second request would be a 429 if the first
+    # one's body (and with it the limit's slot) were left open.
+    fault_upstream.default = sse_script(text_events(TOKENS))
+    chain = ["tests.test_stage_failures:Faulty", "auth", "limits", "retry", "reframe"]
+    server = await gateway(
+        fault_upstream.url,
+        middleware={"chain": chain},
+        auth={"api_keys": ["sk-client-1"]},
+        limits={"concurrent_streams": 1},
+    )
+    body = {**_body("bad_header"), "stream": stream, "stage_header": value}
+    headers = {"Authorization": "Bearer sk-client-1"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for _ in range(2):
+            url = server.make_url("/v1/chat/completions")
+            async with session.post(url, json=body) as response:
+                assert response.status == 500
+                assert "Injected" not in response.headers
+                assert (await response.json())["error"]["code"] == "internal_error"

@@ -105,12 +105,16 @@ def _request_id(request: web.Request) -> str:
 
 def _error_response(error: ClientError, request_id: str) -> web.Response:
     headers = {**error.headers, "X-Request-Id": request_id}
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=jsonutil.dumps(error.to_json()),
         content_type="application/json",
         headers=headers,
     )
+    if headers.get("Connection", "").lower() == "close":
+        # aiohttp keeps a connection alive by the request's headers, not the answer's.
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -151,7 +155,12 @@ async def error_boundary(
         )
         return _error_response(err, request_id)
     except asyncio.CancelledError as exc:
-        if _SHUTDOWN_CUT in exc.args and task is not None and not request.get(_PREPARED):
+        if (
+            _SHUTDOWN_CUT in exc.args
+            and task is not None
+            and task.cancelling() == 1  # ours alone: a client's own cancel is not swallowed
+            and not request.get(_PREPARED)
+        ):
             # Our own cancel (the shutdown grace is over) and nothing sent yet: say so.
             task.uncancel()
             status = 503
@@ -252,19 +261,25 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
     logs.info(access, "request", entry)
 
 
-# What a request body may be encoded with (aiohttp inflates these; it would pass any other
-# unknown name through as if the body were plain).
-_BODY_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity", ""})
+# What a request body may be encoded with: one of the codings aiohttp inflates (it would pass
+# any other name, or a second coding, through as if the body were plain).
+_BODY_ENCODINGS = frozenset({"gzip", "deflate"})
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in _BODY_ENCODINGS:
+    codings = [
+        coding
+        for line in request.headers.getall("Content-Encoding", ())
+        for coding in (part.strip().lower() for part in line.split(","))
+        if coding not in ("", "identity")
+    ]
+    if len(codings) > 1 or (codings and codings[0] not in _BODY_ENCODINGS):
+        named = ", ".join(codings)[:60]
         raise ClientError(
             400,
             "invalid_request_error",
             "invalid_body_encoding",
-            f"Content-Encoding {encoding[:40]!r} is not supported (gzip or deflate)",
+            f"Content-Encoding {named!r} is not supported (one of gzip or deflate)",
             headers={"Connection": "close"},
         )
     if request.content_length is not None and request.content_length > limit:
@@ -393,21 +408,22 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             retried=reply.retried,
         )
     headers = {**reply.headers, "X-Request-Id": exchange.request_id}
-    unsendable = _line_break_in(headers)
     if isinstance(reply.body, bytes):
-        if unsendable:
+        if not _sendable(headers):
             raise _unsendable_headers(exchange)
         return web.Response(status=reply.status, body=reply.body, headers=headers)
     body = reply.body
     trace = exchange.trace
     in_flight = False
     try:
-        if unsendable:
-            raise _unsendable_headers(exchange)  # before anything went out: a JSON 500
         try:
             first: bytes | None = await anext(body)
         except StopAsyncIteration:
             first = None
+        # After the first pull, so the stages' generators have started and their cleanup
+        # runs when the body is closed; before the head, so the 500 is a clean one.
+        if not _sendable(headers):
+            raise _unsendable_headers(exchange)
         response = _StreamedReply(status=reply.status, headers=headers)
         if request.version < HttpVersion11:
             # HTTP/1.0 has no chunking: the end of the connection is the end of the stream,
@@ -481,8 +497,9 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             with contextlib.suppress(ConnectionError):
                 await response.write_eof(ending)
         return response
-    except asyncio.CancelledError:
-        trace.outcome = "client_cancelled"
+    except asyncio.CancelledError as exc:
+        if _SHUTDOWN_CUT not in exc.args:
+            trace.outcome = "client_cancelled"
         raise
     finally:
         if in_flight:
@@ -511,15 +528,23 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     return await _send(request, exchange, reply)
 
 
-def _line_break_in(headers: dict[str, str]) -> bool:
-    # aiohttp refuses such a header only when it writes the head, which for a stream is with
-    # its first bytes: too late for a clean error.
-    return any("\n" in v or "\r" in v or "\n" in k or "\r" in k for k, v in headers.items())
+# What aiohttp refuses in a header line (only when it writes the head, which for a stream is
+# with its first bytes: too late for a clean error): control characters but tab, and DEL.
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _sendable(headers: dict[str, str]) -> bool:
+    for name, value in headers.items():
+        if type(name) is not str or type(value) is not str:
+            return False
+        if _UNSENDABLE.search(name) or _UNSENDABLE.search(value):
+            return False
+    return True
 
 
 def _unsendable_headers(exchange: Exchange) -> ClientError:
     log.error(
-        "a stage set a header with a line break; answering 500",
+        "a stage set a header no HTTP head can carry; answering 500",
         extra={"request_id": exchange.request_id},
     )
     return ClientError(500, "server_error", "internal_error", "Internal gateway error")
