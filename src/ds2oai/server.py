@@ -537,7 +537,11 @@ def _sendable(headers: dict[str, str]) -> bool:
     for name, value in headers.items():
         if type(name) is not str or type(value) is not str:
             return False
-        if _UNSENDABLE.search(name) or _UNSENDABLE.search(value):
+        # `isprintable` (C, no regex) is false for every control character, and for tab,
+        # which aiohttp accepts: only then is the exact rule asked.
+        if not (name.isprintable() and value.isprintable()) and (
+            _UNSENDABLE.search(name) or _UNSENDABLE.search(value)
+        ):
             return False
     return True
 
