@@ -275,13 +275,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     ]
     if len(codings) > 1 or (codings and codings[0] not in _BODY_ENCODINGS):
         named = ", ".join(codings)[:60]
-        raise ClientError(
-            400,
-            "invalid_request_error",
-            "invalid_body_encoding",
-            f"Content-Encoding {named!r} is not supported (one of gzip or deflate)",
-            headers={"Connection": "close"},
-        )
+        raise _bad_encoding(f"Content-Encoding {named!r} is not supported (one of gzip or deflate)")
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(
             413,
@@ -310,13 +304,20 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"The request body is over {limit} bytes",
         ) from None
     except web.RequestPayloadError:  # a Content-Encoding the body does not match, say
-        raise ClientError(
-            400,
-            "invalid_request_error",
-            "invalid_body_encoding",
-            "The request body could not be decoded as its Content-Encoding says",
-            headers={"Connection": "close"},
+        raise _bad_encoding(
+            "The request body could not be decoded as its Content-Encoding says"
         ) from None
+
+
+def _bad_encoding(message: str) -> ClientError:
+    # The body stays unread on the connection: close it after the answer.
+    return ClientError(
+        400,
+        "invalid_request_error",
+        "invalid_body_encoding",
+        message,
+        headers={"Connection": "close"},
+    )
 
 
 class _StreamedReply(web.StreamResponse):
@@ -470,7 +471,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
                         extra={"request_id": exchange.request_id},
                     )
                     await body.aclose()
-                    await response.write_eof(await _cut_short(exchange, None))
+                    await response.write_eof(await cut_short(exchange, None))
                 else:
                     await response.write_eof()
             if not measured:
@@ -491,7 +492,7 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
             if type(item) is LastChunk:
                 ending: bytes = item
             elif trace.answer_open:
-                ending = await _cut_short(exchange, exc)
+                ending = await cut_short(exchange, exc)
             else:
                 ending = b""
             with contextlib.suppress(ConnectionError):
@@ -552,21 +553,6 @@ def _unsendable_headers(exchange: Exchange) -> ClientError:
         extra={"request_id": exchange.request_id},
     )
     return ClientError(500, "server_error", "internal_error", "Internal gateway error")
-
-
-async def _cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
-    """The error event that ends an answer a stage cut short; the route's end-of-answer hook
-    runs as reframe runs it for its own ends (a Responses stream is stored as failed)."""
-    trace = exchange.trace
-    trace.answer_open = False
-    trace.outcome = "upstream_broken"  # SPEC §6's outcomes: the stream broke
-    ending = cut_short(exchange, error)
-    if exchange.on_end is not None:
-        try:
-            await exchange.on_end()
-        except Exception:
-            log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
-    return ending
 
 
 def _added_latency(trace: Trace) -> bool:

@@ -354,16 +354,8 @@ class Reframe:
             exchange.trace.outcome = "upstream_error"
             raise
         exchange.trace.outcome = "completed"
-        await self._end(exchange)
+        await _end(exchange)
         return Reply.json(200, result)
-
-    async def _end(self, exchange: Exchange) -> None:
-        if exchange.on_end is None:
-            return
-        try:
-            await exchange.on_end()
-        except Exception:
-            log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
 
     @takes_downstream
     async def _stream(
@@ -512,7 +504,7 @@ class Reframe:
                     if dialect.outcome is not None:
                         break
                 if dialect.outcome is not None:
-                    await self._end(exchange)
+                    await _end(exchange)
                 if parts:
                     sent = started = True
                     if dialect.outcome is not None:
@@ -597,16 +589,32 @@ class Reframe:
             raise upstream_event_error(event.code, event.message, self._secrets)
 
 
-def cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
+async def _end(exchange: Exchange) -> None:
+    """The route's end-of-answer hook (a Responses answer is stored), once the answer ended."""
+    if exchange.on_end is None:
+        return
+    try:
+        await exchange.on_end()
+    except Exception:
+        log.exception("end-of-answer hook failed", extra={"request_id": exchange.request_id})
+
+
+async def cut_short(exchange: Exchange, error: BaseException | None) -> bytes:
     """The terminal error event for an answer a stage outside this one cut short after its head
     went out (it raised `error`, or ended the body early: None): the client gets an end it can
-    tell from a whole answer. A `ClientError` a stage raised is passed on as it says."""
+    tell from a whole answer, and the answer ends as this stage ends its own (outcome, hook).
+    A `ClientError` a stage raised is passed on as it says."""
     if isinstance(error, ClientError):
         type_, code, message = error.type, error.code or error.type, error.message
     else:
         type_, code, message = "server_error", "internal_error", CUT_SHORT_MESSAGE
+    trace = exchange.trace
+    trace.answer_open = False
+    trace.outcome = "upstream_broken"  # SPEC §6's outcomes: the stream broke
     make = DIALECTS.get(exchange.dialect)
-    return make(exchange).fail(type_, code, message) if make is not None else b""
+    ending = make(exchange).fail(type_, code, message) if make is not None else b""
+    await _end(exchange)
+    return ending
 
 
 CUT_SHORT_MESSAGE = "Internal gateway error; the answer was cut short"
