@@ -492,6 +492,30 @@ async def test_unreachable_redis_follows_the_policy_without_showing_the_password
         await stage.aclose()
 
 
+class TimedOutLimiter(MemoryLimiter):
+    """A backend whose answer was lost after it ran: the slot is taken, the caller sees an error
+    (a Redis reply slower than the socket timeout)."""
+
+    async def acquire(self, key_id: str, rule: KeyRule, lease_id: str) -> Any:
+        await super().acquire(key_id, rule, lease_id)
+        raise LimiterError("redis limits redis://db:6379/0: acquire failed: Timeout")
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_an_acquire_that_failed_after_running_gives_its_slot_back(policy: str) -> None:
+    limiter = TimedOutLimiter(clock=Clock())
+    rule = KeyRule(concurrent_streams=1)
+    stage = KeyLimits(limiter, rule, on_backend_error=policy)
+    upstream = Upstream()
+    if policy == "open":
+        await drain(await stage(make_exchange("k1"), upstream))
+    else:
+        assert (await refused(stage, make_exchange("k1"), upstream)).status == 503
+    for _ in range(3):  # the release runs as its own task
+        await asyncio.sleep(0)
+    assert limiter.streams_held("k1") == 0
+
+
 async def test_a_failed_release_is_counted_and_not_raised() -> None:
     class FailingFinish(MemoryLimiter):
         async def finish(self, key_id: str, rule: KeyRule, lease_id: str, tokens: int) -> None:
@@ -767,6 +791,26 @@ async def test_redis_slots_are_released_or_expire_with_their_lease(
     assert (await alive.acquire(key, rule, uuid.uuid4().hex)).refused == "streams"
     await alive.finish(key, rule, held, 0)
     assert (await alive.acquire(key, rule, uuid.uuid4().hex)).refused is None
+
+
+async def test_redis_acquire_sent_twice_is_admitted_once(
+    redis_url: str, redis_limiters: list[RedisLimiter]
+) -> None:
+    # The client re-sends a script after a timeout; Redis may have run the first one.
+    limiter = RedisLimiter(redis_url)
+    redis_limiters.append(limiter)
+    key, lease = uuid.uuid4().hex[:12], uuid.uuid4().hex
+    rule = KeyRule(requests_per_minute=1, tokens_per_minute=10, concurrent_streams=1)
+    first = await limiter.acquire(key, rule, lease)
+    await limiter.finish(key, rule, uuid.uuid4().hex, 10)  # another request used the tokens
+    again = await limiter.acquire(key, rule, lease)
+    assert (first.refused, again.refused) == (None, None)
+    assert (first.requests_used, again.requests_used) == (1, 1)
+    other = await limiter.acquire(key, rule, uuid.uuid4().hex)
+    assert other.refused == "requests"
+    await limiter.finish(key, rule, lease, 0)
+    async with redis.asyncio.Redis.from_url(redis_url) as raw:
+        assert await raw.zcard(limiter.keys(key)[2]) == 0
 
 
 async def test_redis_scripts_survive_a_script_flush(

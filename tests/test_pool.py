@@ -9,10 +9,11 @@ from typing import Any
 
 import aiohttp
 
+from ds2oai.balancer import BreakerState
 from ds2oai.config import config_from_mapping
-from ds2oai.server import create_app
+from ds2oai.server import UPSTREAM, create_app
 from tests.conftest import free_port
-from tests.fault_upstream import FaultUpstream, Hang, json_response
+from tests.fault_upstream import FaultUpstream, Hang, json_response, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
 
 PAYLOAD = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -150,6 +151,42 @@ async def test_a_probe_whose_client_left_lets_the_next_request_probe(
         await asyncio.sleep(0.1)
         await run(server, 10)
         assert len(a.requests) > 5
+
+
+async def test_a_full_connection_pool_is_a_503_not_a_failure_of_the_upstreams(
+    aiohttp_server: Any,
+) -> None:
+    # upstream.max_connections is the gateway's own limit, shared by the pool's upstreams:
+    # waiting for it in vain says nothing about their health.
+    slow = sse_script(text_events(["Hello", " world"]), delay=0.5)
+    async with FaultUpstream(default=slow) as a, FaultUpstream(default=slow) as b:
+        config = config_from_mapping(
+            pool_config(
+                {"a": {"base_url": a.url}, "b": {"base_url": b.url}},
+                upstream={"read_timeout": 5.0, "connect_timeout": 0.2, "max_connections": 1},
+                balancer={"failure_threshold": 2, "open_seconds": 60},
+            )
+        )
+        app = create_app(config)
+        server = await aiohttp_server(app)
+        async with aiohttp.ClientSession() as client:
+
+            async def one() -> tuple[int, dict[str, Any], str]:
+                async with client.post(server.make_url("/v1/chat/completions"), json=PAYLOAD) as r:
+                    await r.read()
+                    error = {} if r.status == 200 else (await r.json())["error"]
+                    return r.status, error, r.headers.get("Retry-After", "")
+
+            results = await asyncio.gather(*(one() for _ in range(4)))
+        assert sorted(status for status, _, _ in results) == [200, 503, 503, 503]
+        for status, error, retry_after in results:
+            if status == 503:
+                assert (error["type"], error["code"]) == ("server_error", "gateway_busy")
+                assert "upstream.max_connections" in error["message"]
+                assert retry_after == "1"
+        assert len(a.requests) + len(b.requests) == 1  # no failover, no retry
+        for target in app[UPSTREAM].targets:
+            assert target.breaker.state is BreakerState.CLOSED
 
 
 async def test_retry_budget_caps_retries(aiohttp_server: Any) -> None:

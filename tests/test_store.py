@@ -381,6 +381,18 @@ async def test_sqlite_put_purges_expired_rows(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_memory_put_frees_expired_items() -> None:
+    clock = FakeClock(1_000_000.0)
+    store = MemoryResponseStore(ttl_seconds=60, clock=clock)
+    try:
+        for second in range(600):  # one put a second for ten minutes, none read back
+            clock.now = 1_000_000.0 + second
+            await store.put(make_item(created_at=int(clock.now)))
+        assert len(store) == 60
+    finally:
+        await store.close()
+
+
 async def test_memory_store_honours_max_items() -> None:
     store = open_store(StoreConfig(backend="memory", max_items=2))
     a, b, c = make_item(), make_item(), make_item()

@@ -72,6 +72,11 @@ class ConnectTimeout(HTTPClientError):
     """No connection (or no free pool slot) within `connect_timeout`."""
 
 
+class PoolTimeout(ConnectTimeout):
+    """No free slot of the pool's own `limit` within `connect_timeout`: the client is busy,
+    nothing is known about the server (no connection to it was tried)."""
+
+
 class ReadTimeout(HTTPClientError):
     """The server said nothing for `read_timeout` while an answer was awaited."""
 
@@ -658,9 +663,11 @@ class Pool:
     async def _connect(
         self, origin: _Origin, within: float | None, *, fresh: bool = False
     ) -> _Connection:
+        waiting = False  # for a slot of the pool's limit, not for the server
         try:
             async with asyncio.timeout(within):
                 while self._limit and self._open >= self._limit:
+                    waiting = True
                     self._evict_one_idle()  # another origin's idle connection makes room
                     slot = self._loop.create_future()
                     self._slots.append(slot)
@@ -675,6 +682,7 @@ class Pool:
                     conn = None if fresh else self._idle_connection(origin.key)
                     if conn is not None:
                         return conn
+                waiting = False
                 self._open += 1
                 try:
                     _, conn = await self._loop.create_connection(
@@ -701,6 +709,8 @@ class Pool:
         except TimeoutError as exc:
             if exc.errno is not None:  # the kernel's ETIMEDOUT, not asyncio.timeout's
                 raise ConnectError(exc) from None
+            if waiting:
+                raise PoolTimeout(f"no free connection slot within {within} s") from None
             raise ConnectTimeout(f"no connection within {within} s") from None
         except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
             raise ConnectError(exc) from None

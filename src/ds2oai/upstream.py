@@ -23,7 +23,12 @@ from ds2oai import http1, jsonutil
 from ds2oai.balancer import BreakerState, CircuitBreaker, choose
 from ds2oai.chain import Body, Exchange, Reply
 from ds2oai.config import Config, UpstreamConfig
-from ds2oai.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeoutError
+from ds2oai.errors import (
+    ClientError,
+    UpstreamConnectError,
+    UpstreamStreamError,
+    UpstreamTimeoutError,
+)
 from ds2oai.metrics import ATTEMPTS, SELECTED, child, inc
 from ds2oai.upstream_errors import BROKEN_MESSAGE
 
@@ -191,7 +196,8 @@ class UpstreamClient:
                 target.breaker.failure()
                 inc(child(SELECTED, target.name, "timeout"))
                 raise
-            except BaseException:  # cancelled (the client left): no verdict on the upstream
+            except BaseException:  # cancelled (the client left), or the gateway's pool is full:
+                # no verdict on the upstream
                 if probe:
                     target.breaker.abandon()
                 raise
@@ -235,12 +241,22 @@ class UpstreamClient:
                 connect_timeout=self._connect_timeout,
                 read_timeout=self._read_timeout,
             )
+        except http1.PoolTimeout:
+            # The gateway's own limit, shared by every upstream: no verdict on this one (its
+            # breaker), no failover, no retry (each would wait for the same slots).
+            raise ClientError(
+                503,
+                "server_error",
+                "gateway_busy",
+                f"All upstream.max_connections connections are in use; none came free within "
+                f"{self._connect_timeout:g} s",
+                headers={"Retry-After": "1"},
+            ) from None
         except http1.ConnectTimeout:
             inc(child(ATTEMPTS, "connect_error"))
             raise UpstreamConnectError(
                 f"Timed out connecting to the upstream (no connection within "
-                f"{self._connect_timeout:g} s, connecting or waiting for a free one of "
-                f"upstream.max_connections)",
+                f"{self._connect_timeout:g} s)",
                 timeout=True,
             ) from None
         except http1.ReadTimeout:

@@ -35,11 +35,16 @@ _REASONS: Final = {0: None, 1: "requests", 2: "tokens", 3: "streams"}
 
 # KEYS: req, tok, streams. ARGV: rpm, tpm, streams, lease id, window ms, lease ms.
 # Returns {reason, requests_used, requests_reset_ms, tokens_used, tokens_reset_ms, retry_ms}.
+# Idempotent per lease id: the client re-sends a script after a timeout, and Redis may have run
+# the first one (it was only slow), so a lease already recorded is admitted again, not counted
+# against itself.
 _ACQUIRE: Final = """
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local member, window, lease = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local again = (rpm > 0 and redis.call('ZSCORE', KEYS[1], member))
+  or (conc > 0 and redis.call('ZSCORE', KEYS[3], member))
 local used, reset = 0, 0
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
@@ -48,7 +53,7 @@ if rpm > 0 then
     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
     reset = tonumber(oldest[2]) + window - now
   end
-  if used >= rpm then
+  if used >= rpm and not again then
     local nth = redis.call('ZRANGE', KEYS[1], used - rpm, used - rpm, 'WITHSCORES')
     return {1, used, reset, 0, 0, tonumber(nth[2]) + window - now}
   end
@@ -63,7 +68,7 @@ if tpm > 0 then
   if #charges > 0 then
     tokens_reset = tonumber(charges[2]) + window - now
   end
-  if total >= tpm then
+  if total >= tpm and not again then
     local left = total
     for i = 1, #charges, 2 do
       left = left - tonumber(string.match(charges[i], ':(%d+)$'))
@@ -73,13 +78,13 @@ if tpm > 0 then
     return {2, used, reset, total, tokens_reset, tokens_reset}
   end
 end
-if conc > 0 then
+if conc > 0 and not again then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= conc then
     return {3, used, reset, total, tokens_reset, 1000}
   end
 end
-if rpm > 0 then
+if rpm > 0 and not redis.call('ZSCORE', KEYS[1], member) then
   redis.call('ZADD', KEYS[1], now, member)
   redis.call('PEXPIRE', KEYS[1], window)
   used = used + 1

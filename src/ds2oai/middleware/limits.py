@@ -270,6 +270,9 @@ class KeyLimits:
             decision = await self._acquire(key, rule, lease)
         except LimiterError as exc:
             self._backend_failed("acquire", exc, exchange.request_id)
+            if rule.needs_finish:
+                # A timed-out script may still have run on Redis: give back what it took.
+                self._track(asyncio.ensure_future(self._finish_now(key, rule, lease, 0)))
             if self._policy == "closed":
                 raise ClientError(
                     503,

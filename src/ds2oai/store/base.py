@@ -144,6 +144,13 @@ class MemoryResponseStore:
         body = encode_item(item)
         self._items.pop(item.id, None)
         self._items[item.id] = (item.created_at, body)
+        # Kept in put order, which is creation order within a few seconds: the expired ones
+        # are at the front, so a put frees them (otherwise only a `get` of each would).
+        while self._items:
+            created_at, _ = next(iter(self._items.values()))
+            if not self._expired(created_at):
+                break
+            self._items.popitem(last=False)
         if self._max_items > 0:
             while len(self._items) > self._max_items:
                 self._items.popitem(last=False)
