@@ -82,10 +82,24 @@ def test_stream_helper_accumulates_parallel_tool_calls(served_gateway: str) -> N
         for _ in stream:
             pass
         final = stream.get_final_completion()
+        collected = client.chat.completions.create(
+            model="deepseek-chat",
+            messages=MESSAGES,
+            extra_body={"test_mode": "parallel_tool_calls"},
+        )
     message = final.choices[0].message
+    # A tool-call answer has no text, streamed (content null, as OpenAI streams it) or not.
+    assert message.content is None
+    assert collected.choices[0].message.content is None
     assert final.choices[0].finish_reason == "tool_calls"
     assert message.tool_calls is not None
     calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+    collected_calls = collected.choices[0].message.tool_calls or []
+    assert [
+        (c.id, c.function.name, c.function.arguments)
+        for c in collected_calls
+        if c.type == "function"
+    ] == calls
     assert calls == [
         ("call_00_mock", "get_weather", '{"city": "Paris"}'),
         ("call_01_mock", "get_time", '{"tz": "Europe/Paris"}'),

@@ -119,8 +119,10 @@ class ChatDialect(ChunkDialect):
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = chunk.role or "assistant"
-            delta["content"] = chunk.content if chunk.content is not None else ""
-        elif chunk.content is not None:
+            # null stays null (a tool call's or a thinking model's first chunk), as OpenAI
+            # streams it and as the collected answer has it.
+            delta["content"] = chunk.content
+        elif chunk.content:  # an empty one would turn a tool call's null content into ""
             delta["content"] = chunk.content
         if chunk.reasoning is not None:
             delta["reasoning_content"] = chunk.reasoning
