@@ -409,20 +409,29 @@ async def test_5xx_then_ok_is_retried_transparently(
 
 
 @pytest.mark.parametrize(("gateway_retries", "sdk_requests"), [(1, 1), (0, 2)])
+@pytest.mark.parametrize(
+    ("status", "raised"), [(500, openai.InternalServerError), (429, openai.RateLimitError)]
+)
 async def test_the_openai_sdk_does_not_retry_what_the_gateway_already_retried(
-    fault_upstream: FaultUpstream, gateway: GatewayFactory, gateway_retries: int, sdk_requests: int
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    gateway_retries: int,
+    sdk_requests: int,
+    status: int,
+    raised: type[openai.APIStatusError],
 ) -> None:
     # Without `x-should-retry: false` the SDK's retries would multiply the gateway's: with
     # both at their defaults (2), one call made 9 upstream attempts.
-    fault_upstream.queue(*[json_response(500, {"error": {"message": "boom"}})] * 4)
+    hint = [("retry-after-ms", "20")]
+    fault_upstream.queue(*[json_response(status, {"error": {"message": "boom"}}, hint)] * 4)
     server = await gateway(fault_upstream.url, retry={"max_retries": gateway_retries})
     base_url = str(server.make_url("/openai/v1"))
     async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=1) as sdk:
-        with pytest.raises(openai.InternalServerError) as caught:
+        with pytest.raises(raised) as caught:
             await sdk.chat.completions.create(
                 model="deepseek-chat", messages=[{"role": "user", "content": "hi"}]
             )
-    assert caught.value.code == "upstream_status_500"
+    assert caught.value.code == ("upstream_status_500" if status == 500 else "rate_limit")
     assert len(fault_upstream.requests) == sdk_requests * (gateway_retries + 1)
 
 

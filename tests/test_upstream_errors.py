@@ -106,6 +106,13 @@ def test_429_retry_after_http_date_is_converted_to_seconds() -> None:
     assert 117 <= int(error.headers["Retry-After"]) <= 121
 
 
+def test_429_after_the_gateways_retries_tells_the_sdks_not_to_retry() -> None:
+    assert "x-should-retry" not in error_from_upstream(429, {"retry-after": "3"}, b"").headers
+    error = error_from_upstream(429, {"retry-after": "3"}, b"", retried=True)
+    assert error.headers["x-should-retry"] == "false"
+    assert error.headers["Retry-After"] == "3"
+
+
 def test_429_message_from_upstream_is_kept() -> None:
     error = error_from_upstream(429, {}, ds_error("Rate limit reached for requests", "rate"))
     assert error.message == "Rate limit reached for requests"
@@ -254,6 +261,23 @@ def test_an_error_code_of_only_control_characters_falls_back() -> None:
 def test_404_is_502_upstream_status_404() -> None:
     error = error_from_upstream(404, {}, b"Not Found")
     assert triple(error) == (502, "upstream_connection_error", "upstream_status_404")
+    assert error.headers == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize("status", [405, 410, 413, 415, 418, 451])
+def test_other_4xx_are_502s_the_sdks_do_not_retry(status: int) -> None:
+    body = json.dumps({"error": {"message": "too big", "param": "messages"}}).encode()
+    error = error_from_upstream(status, {}, body)
+    assert triple(error) == (502, "upstream_connection_error", f"upstream_status_{status}")
+    assert (error.message, error.param) == ("too big", "messages")
+    assert error.headers == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_408_and_409_stay_retryable(status: int) -> None:
+    error = error_from_upstream(status, {}, b"")
+    assert error.code == f"upstream_status_{status}"
+    assert "x-should-retry" not in error.headers
 
 
 def test_json_error_string_body_keeps_the_string() -> None:

@@ -145,8 +145,9 @@ def error_from_upstream(
 ) -> ClientError:
     """The SPEC §4 row for an upstream answer with `status` that is not a usable stream.
 
-    `retried`: the gateway gave up on it after retrying; a 502 then says `x-should-retry:
-    false` (a 429 keeps its `Retry-After`, which already paces the client)."""
+    `retried`: the gateway gave up on it after retrying; the answer then says `x-should-retry:
+    false` (a 429 keeps its `Retry-After` too, for clients that pace themselves): the openai
+    SDKs' own retries on top of the gateway's would multiply the upstream's load."""
     code, message, param = upstream_error_fields(body)
     code = (sanitize_code(code, secrets) or None) if code else None
     clean = sanitize_message(message, secrets) if message else None
@@ -160,12 +161,13 @@ def error_from_upstream(
         )
     if status == 429:
         retry_after = retry_after_value(headers, default_retry_after)
+        limited = retry_after_headers(retry_after)
         return ClientError(
             429,
             "rate_limit_error",
             "rate_limit",
             clean or "The upstream rate limit was reached",
-            headers=retry_after_headers(retry_after),
+            headers={**limited, **_NO_RETRY} if retried else limited,
         )
     if status == 402:
         return ClientError(
@@ -189,6 +191,18 @@ def error_from_upstream(
             "upstream_connection_error",
             "upstream_status_404",
             clean or "The upstream has no such endpoint",
+            headers=_NO_RETRY,  # a wrong base_url: trying again cannot help
+        )
+    if 400 <= status < 500 and status not in (408, 409):
+        # Another refusal of this very request (413, 415, ...): the same request gets the same
+        # answer, so the SDKs must not retry the 502 (they would: they retry every 5xx).
+        return ClientError(
+            502,
+            "upstream_connection_error",
+            f"upstream_status_{status}",
+            clean or f"The upstream answered HTTP {status}",
+            param=(sanitize_code(param, secrets) or None) if param else None,
+            headers=_NO_RETRY,
         )
     if retried:
         hints: Mapping[str, str] = _NO_RETRY

@@ -34,5 +34,10 @@ class RateLimitTranslator:
             return reply
         body = await read_limited(reply.body)
         raise error_from_upstream(
-            429, reply.headers, body, secrets=self._secrets, default_retry_after=self._default
+            429,
+            reply.headers,
+            body,
+            secrets=self._secrets,
+            default_retry_after=self._default,
+            retried=reply.retried,
         )
