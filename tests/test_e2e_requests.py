@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,8 @@ async def post_raw(
         (b'{"messages": "hi"}', "invalid_messages"),
         (b'{"messages": [], "stream": "yes"}', "invalid_stream"),
         (b'{"messages": [], "model": 5}', "invalid_model"),
+        (b'{"messages": [], "n": 2}', "unsupported_n"),
+        (b'{"messages": [], "n": "1"}', "unsupported_n"),
     ],
 )
 async def test_bad_bodies_are_400_naming_the_check(
@@ -158,6 +161,55 @@ async def test_max_completion_tokens_reaches_deepseek_as_max_tokens(
     upstream = fault_upstream.requests[0].json
     assert "max_completion_tokens" not in upstream
     assert {k: upstream[k] for k in ("max_tokens", "temperature") if k in upstream} == sent
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "json_schema", "json_schema": "City"}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "City", "schema": []}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+async def test_a_malformed_json_schema_response_format_is_400(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    response_format: dict[str, Any],
+    param: str,
+) -> None:
+    server = await gateway(fault_upstream.url)
+    data = json.dumps({"messages": [], "response_format": response_format}).encode()
+    status, error = await post_raw(client, server.make_url("/openai/v1/chat/completions"), data)
+    assert (status, error["code"], error["param"]) == (400, "invalid_response_format", param)
+    assert fault_upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("route", "fields"),
+    [
+        ("/openai/v1/chat/completions", {"stream": False, "n": 1}),
+        ("/openai/v1/chat/completions", {"stream": True}),
+        ("/v1/chat/completions", {"stream": True, "stream_options": {"x_extra": 1}}),
+    ],
+)
+async def test_every_chat_request_asks_the_upstream_for_usage(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    route: str,
+    fields: dict[str, Any],
+) -> None:
+    # An upstream may send usage only when asked; a collected answer, metrics and token
+    # limits need it whatever the client asked.
+    server = await gateway(fault_upstream.url)
+    async with client.post(server.make_url(route), json={"messages": [], **fields}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    options = fault_upstream.requests[0].json["stream_options"]
+    assert options == {**fields.get("stream_options", {}), "include_usage": True}
 
 
 @pytest.mark.parametrize(

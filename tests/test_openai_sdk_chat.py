@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
+import pydantic
 import pytest
 
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT, NORMAL_TOKENS, REASONING_TEXT
@@ -229,3 +232,51 @@ async def test_logprobs_reach_the_client(
             assert logprobs.content[1].logprob == -0.25
     sent = fault_upstream.requests[-1].json
     assert sent["logprobs"] is True
+
+
+class City(pydantic.BaseModel):
+    name: str
+    population: int
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_parse_with_a_pydantic_response_format(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, stream: bool
+) -> None:
+    # The SDK sends `json_schema`, which DeepSeek refuses: the gateway asks for `json_object`
+    # and puts the schema in a system note; the SDK checks the answer against the model.
+    answer = ['{"name": "Par', 'is", "population": 2102650}']
+    fault_upstream.queue(
+        sse_script(
+            [
+                chunk(answer[0], role="assistant"),
+                chunk(answer[1]),
+                chunk("", finish_reason="stop"),
+                DONE,
+            ]
+        )
+    )
+    server = await gateway(fault_upstream.url)
+    base_url = str(server.make_url("/openai/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        if stream:
+            async with client.chat.completions.stream(
+                model="deepseek-chat", messages=MESSAGES, response_format=City
+            ) as events:
+                async for _ in events:
+                    pass
+                completion = await events.get_final_completion()
+        else:
+            completion = await client.chat.completions.parse(
+                model="deepseek-chat", messages=MESSAGES, response_format=City
+            )
+    assert completion.choices[0].message.parsed == City(name="Paris", population=2102650)
+    sent = fault_upstream.requests[-1].json
+    assert sent["response_format"] == {"type": "json_object"}
+    note, *rest = sent["messages"]
+    assert rest == MESSAGES
+    assert note["role"] == "system"
+    assert '"City"' in note["content"]
+    assert json.dumps(City.model_json_schema()["properties"]["population"]).replace(
+        " ", ""
+    ) in note["content"].replace(" ", "")

@@ -3,7 +3,8 @@
 `chat_request()` checks what SPEC §4 lists for a Chat Completions body (a JSON object with a
 `messages` list, a boolean `stream`, a string `model`) and builds the upstream body: every
 field the client sent except those the gateway consumes itself, the model mapped through the
-alias table, `stream: true` (streaming and non-streaming answers share the upstream stream).
+alias table, `stream: true` (streaming and non-streaming answers share the upstream stream)
+with `stream_options.include_usage`.
 OpenAI's newer `max_completion_tokens` becomes DeepSeek's `max_tokens` (which DeepSeek reads;
 it would ignore the other name, and the answer would silently have no limit) unless the
 client also sent `max_tokens`, which then wins.
@@ -19,7 +20,7 @@ from ds2oai import jsonutil
 from ds2oai.config import ModelsConfig
 from ds2oai.errors import ClientError
 
-__all__ = ["ChatRequest", "chat_request", "parse_json_body"]
+__all__ = ["ChatRequest", "chat_request", "json_schema_note", "parse_json_body"]
 
 # Fields the gateway consumes or sets itself; everything else goes upstream untouched.
 _CONSUMED = frozenset({"model", "stream", "max_completion_tokens"})
@@ -88,6 +89,10 @@ def chat_request(body: Mapping[str, Any], models: ModelsConfig) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _invalid("invalid_model", "'model' must be a string", "model")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        # The dialects carry one choice (DeepSeek streams one); more would be merged or lost.
+        raise _invalid("unsupported_n", "'n' must be 1: the gateway answers one choice", "n")
     exposed = model or models.default
     upstream: dict[str, Any] = {k: v for k, v in body.items() if k not in _CONSUMED}
     limit = body.get("max_completion_tokens")
@@ -95,4 +100,51 @@ def chat_request(body: Mapping[str, Any], models: ModelsConfig) -> ChatRequest:
         upstream["max_tokens"] = limit
     upstream["model"] = models.upstream_name(model or None)
     upstream["stream"] = True
+    # Always asked for: a collected answer, metrics and token limits need it, whatever the
+    # client asked (the chat dialect shows it only to clients that asked, as OpenAI does).
+    options = body.get("stream_options")
+    upstream["stream_options"] = {
+        **(options if isinstance(options, Mapping) else {}),
+        "include_usage": True,
+    }
+    _map_json_schema(body.get("response_format"), upstream)
     return ChatRequest(stream=stream, exposed_model=exposed, upstream_body=upstream)
+
+
+def _map_json_schema(value: Any, upstream: dict[str, Any]) -> None:
+    """`response_format: {"type": "json_schema", ...}` -> DeepSeek's `json_object` plus the
+    schema as a first system message (DeepSeek answers 400 to `json_schema` and cannot
+    constrain its output to a schema; the SDK's `parse()` still checks the answer)."""
+    if not isinstance(value, Mapping) or value.get("type") != "json_schema":
+        return  # text, json_object, or something the upstream will judge
+    spec = value.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise _invalid(
+            "invalid_response_format",
+            "'response_format.json_schema' must be an object",
+            "response_format.json_schema",
+        )
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, Mapping):
+        raise _invalid(
+            "invalid_response_format",
+            "'response_format.json_schema.schema' must be a JSON schema object",
+            "response_format.json_schema.schema",
+        )
+    note = json_schema_note(schema, spec.get("name"), spec.get("description"))
+    upstream["response_format"] = {"type": "json_object"}
+    upstream["messages"] = [{"role": "system", "content": note}, *upstream["messages"]]
+
+
+def json_schema_note(schema: Mapping[str, Any] | None, name: Any, description: Any) -> str:
+    """The system note that stands for a JSON schema DeepSeek cannot enforce (it also holds the
+    word "json", which DeepSeek's `json_object` mode requires of the prompt)."""
+    note = "Reply with one JSON object only, no other text."
+    if schema is None:
+        return note
+    note = note[:-1] + ". It must conform to this JSON Schema"
+    if isinstance(name, str) and name:
+        note += f' (named "{name}")'
+    if isinstance(description, str) and description:
+        note += f", described as: {description}"
+    return note + ":\n" + jsonutil.dumps(schema).decode()

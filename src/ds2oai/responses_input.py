@@ -33,6 +33,7 @@ from typing import Any
 from ds2oai import jsonutil
 from ds2oai.config import ModelsConfig
 from ds2oai.errors import ClientError
+from ds2oai.inbound import json_schema_note
 
 __all__ = [
     "DEEPSEEK_PASSTHROUGH",
@@ -670,14 +671,7 @@ def _map_text(value: Any, upstream: dict[str, Any], preamble: list[dict[str, Any
                 "'text.format.schema' must be a JSON schema object",
                 "text.format.schema",
             )
-        name = fmt.get("name")
-        note = "Reply with one JSON object only, no other text. It must conform to this JSON Schema"
-        if isinstance(name, str) and name:
-            note += f' (named "{name}")'
-        description = fmt.get("description")
-        if isinstance(description, str) and description:
-            note += f", described as: {description}"
-        note += ":\n" + jsonutil.dumps(schema).decode()
+        note = json_schema_note(schema, fmt.get("name"), fmt.get("description"))
         preamble.append({"role": "system", "content": note})
         upstream["response_format"] = {"type": "json_object"}
         return
