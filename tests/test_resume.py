@@ -27,6 +27,7 @@ from tests.fault_upstream import (
 )
 from tests.loopback import RawServer
 from tests.sse_client import Event, parse_events, spec_text
+from tests.test_operations import delta, scrape
 
 TOKENS = ["Hé", "llo", " wörld", ",", " how", " are", " you", "?"]
 TEXT = "".join(TOKENS)
@@ -114,6 +115,7 @@ async def test_resets_and_stalls_are_resumed_and_usage_is_summed(
     broken = [*first_attempt(3), chunk(choices=False, usage=early)]
     fault_upstream.queue(sse_script(broken, end=end), sse_script(continuation(3)))
     server = await gateway(fault_upstream.url, resume=RESUME, upstream={"read_timeout": 0.3})
+    before = await scrape(client, server.make_url("/metrics"))
     raw = await post(
         client, server.make_url("/v1/chat/completions"), ROUTES["/v1/chat/completions"][0]
     )
@@ -124,6 +126,11 @@ async def test_resets_and_stalls_are_resumed_and_usage_is_summed(
         "completion_tokens": 5,
         "total_tokens": 32,
     }
+    # What the client was told is what metrics (and per-key token limits) count.
+    after = await scrape(client, server.make_url("/metrics"))
+    tokens = "ds2oai_tokens_total"
+    assert delta(before, after, tokens, model="deepseek-chat", direction="in") == 27
+    assert delta(before, after, tokens, model="deepseek-chat", direction="out") == 5
 
 
 async def test_a_break_inside_a_tool_call_is_not_resumed(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from ds2oai.chain import Exchange
 from ds2oai.chunk_template import TextTemplate
@@ -33,7 +35,7 @@ from ds2oai.metrics import QUEUE_WAIT, observe
 from ds2oai.sse import SSEComment, SSEDecoder, SSEEvent
 from ds2oai.upstream_errors import sanitize_code, sanitize_message
 
-__all__ = ["EventReader"]
+__all__ = ["EventReader", "record_usage"]
 
 log = logging.getLogger("ds2oai.reframe")
 
@@ -249,8 +251,14 @@ def _note(exchange: Exchange, chunk: Chunk) -> None:
             trace.queue_wait = trace.first_token_at - trace.first_comment_at
             observe(QUEUE_WAIT, trace.queue_wait)
     if chunk.usage is not None:
-        trace.prompt_tokens = _token_count(chunk.usage.get("prompt_tokens"))
-        trace.completion_tokens = _token_count(chunk.usage.get("completion_tokens"))
+        record_usage(exchange, chunk.usage)
+
+
+def record_usage(exchange: Exchange, usage: Mapping[str, Any]) -> None:
+    """The answer's token counts, as metrics and limits read them from the trace."""
+    trace = exchange.trace
+    trace.prompt_tokens = _token_count(usage.get("prompt_tokens"))
+    trace.completion_tokens = _token_count(usage.get("completion_tokens"))
 
 
 def _token_count(value: object) -> int | None:

@@ -46,7 +46,7 @@ from ds2oai.dialects.chat import ChatDialect
 from ds2oai.dialects.completion import CompletionCollector
 from ds2oai.dialects.spec import SpecDialect
 from ds2oai.errors import ClientError, GatewayError, SSEDecodeError, UpstreamStreamError
-from ds2oai.event_reader import EventReader
+from ds2oai.event_reader import EventReader, record_usage
 from ds2oai.events import (
     Chunk,
     Done,
@@ -487,6 +487,8 @@ class Reframe:
                     if progress is not None:
                         if isinstance(event, Chunk):
                             event = progress.observe(event)
+                            if event.usage is not None:  # summed over the attempts
+                                record_usage(exchange, event.usage)
                         # Text already produced from this read counts as sent: it will be.
                         if (sent or parts) and self._is_break(event, progress):
                             # Done with this body either way (a break is its end): a whole
