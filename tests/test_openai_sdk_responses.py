@@ -6,17 +6,23 @@ the fault-injecting upstream where a test must see what went upstream (async cli
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.parse
 import urllib.request
 from typing import Any
 
 import openai
 import pytest
-from openai.types.responses import ResponseFunctionToolCall, ResponseReasoningItem
+from aiohttp import web
+from openai.types.responses import Response, ResponseFunctionToolCall, ResponseReasoningItem
 
+from ds2oai import responses_session
+from ds2oai.server import STORE, create_app
+from ds2oai.store import MemoryResponseStore, StoredResponse, StoreError
 from mock_upstream.mock_deepseek_sse import NORMAL_TEXT, NORMAL_TOKENS, REASONING_TEXT
-from tests.conftest import CLIENT_KEY, GatewayFactory
+from tests.conftest import CLIENT_KEY, GatewayFactory, make_config
 from tests.fault_upstream import DONE, FaultUpstream, chunk, sse_script, token_logprobs
 
 WEATHER_TOOL: Any = {
@@ -451,3 +457,56 @@ async def test_output_text_logprobs_when_included(
     assert [lp.logprob for lp in part.logprobs or []] == [-0.25, -1.5, -1.5]
     sent = fault_upstream.requests[-1].json
     assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+
+
+class FailingStore(MemoryResponseStore):
+    """A store whose saves fail (`hang`: never finish); reads work."""
+
+    def __init__(self, hang: bool) -> None:
+        super().__init__()
+        self.hang = hang
+
+    async def put(self, item: StoredResponse) -> None:
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise StoreError("redis store redis://db:6379/0: put failed: Timeout")
+
+
+@pytest.mark.parametrize("hang", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failed_save_does_not_fail_the_answer(
+    fault_upstream: FaultUpstream,
+    aiohttp_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    hang: bool,
+    stream: bool,
+) -> None:
+    # `store` defaults to true, so every client depends on the store; an answer it already got
+    # is given whole, and the failure is logged (the id is then unknown to GET).
+    monkeypatch.setattr(responses_session, "SAVE_TIMEOUT", 0.2)
+    app = create_app(make_config(fault_upstream.url))
+
+    async def failing_store(app: web.Application) -> None:  # after the app opened its own
+        await app[STORE].close()
+        app[STORE] = FailingStore(hang)
+
+    app.on_startup.append(failing_store)
+    server = await aiohttp_server(app)
+    base_url = str(server.make_url("/openai/v1"))
+    started = time.monotonic()
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+        response: Response
+        if stream:
+            async with client.responses.stream(model="deepseek-chat", input="Hi") as events:
+                async for _ in events:
+                    pass
+                response = await events.get_final_response()
+        else:
+            response = await client.responses.create(model="deepseek-chat", input="Hi")
+        assert time.monotonic() - started < 2.0  # not the store's own timeouts
+        assert (response.status, response.output_text) == ("completed", "Hello world")
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(response.id)
+    [record] = [r for r in caplog.records if r.getMessage() == "end-of-answer hook failed"]
+    assert ("took over 0.2 s" if hang else "put failed") in (record.exc_text or "")

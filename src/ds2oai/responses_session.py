@@ -9,18 +9,23 @@ the end, so `GET /v1/responses/{id}` works as soon as the stream is over. May to
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from typing import Any, Final
 
 from ds2oai.dialects.responses import ResponsesDialect
 from ds2oai.errors import ClientError
 from ds2oai.events import UpstreamEvent
 from ds2oai.responses_input import ResponsesRequest, new_id
 from ds2oai.sealing import Sealer
-from ds2oai.store import ResponseStore, StoredResponse
+from ds2oai.store import ResponseStore, StoredResponse, StoreError
 from ds2oai.upstream_errors import BROKEN_MESSAGE, broken_error
 
-__all__ = ["ResponsesSession"]
+__all__ = ["SAVE_TIMEOUT", "ResponsesSession"]
+
+# The save runs before the client sees the end of the answer: a stalled store (its own timeouts
+# and retries add up to 15 s with Redis) must not hold every answer's end for long.
+SAVE_TIMEOUT: Final = 5.0
 
 
 class ResponsesSession:
@@ -62,6 +67,8 @@ class ResponsesSession:
         before the failure, so `GET /v1/responses/{id}` answers for every id a client saw. Its
         conversation is not kept: a turn cut short cannot be continued (see server.py), so the
         client continues from the response before it instead of from a silently shortened one.
+        A store that fails, or takes over `SAVE_TIMEOUT`, raises `StoreError`; reframe logs it
+        and the answer still ends normally (the client has it; only continuing it fails).
         """
         outcome = self.dialect.outcome
         if not self.request.store or outcome is None:
@@ -72,16 +79,21 @@ class ResponsesSession:
             assistant = self.dialect.assistant_message()
             if assistant is not None:
                 messages.append(assistant)
-        await self._store.put(
-            StoredResponse(
-                id=self.response_id,
-                created_at=self.created_at,
-                response=self.dialect.response(),
-                input_items=list(self.request.input_items),
-                messages=messages,
-                owner=self._owner,
-            )
+        item = StoredResponse(
+            id=self.response_id,
+            created_at=self.created_at,
+            response=self.dialect.response(),
+            input_items=list(self.request.input_items),
+            messages=messages,
+            owner=self._owner,
         )
+        try:
+            async with asyncio.timeout(SAVE_TIMEOUT):
+                await self._store.put(item)
+        except TimeoutError:
+            raise StoreError(
+                f"saving response {self.response_id} took over {SAVE_TIMEOUT:g} s"
+            ) from None
 
 
 class _Collector:
