@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,7 @@ from ds2oai.limits.redis import RedisLimiter
 from ds2oai.metrics import REGISTRY
 from ds2oai.middleware import BUILTINS, BearerAuth, KeyLimits
 from ds2oai.middleware.auth import key_id
-from ds2oai.middleware.limits import ANONYMOUS, openai_duration
+from ds2oai.middleware.limits import ANONYMOUS, charged_tokens, openai_duration
 from tests import conftest
 from tests.conftest import GatewayFactory
 from tests.fault_upstream import Close, FaultUpstream, Hang, Reset, sse_script, text_events
@@ -910,6 +911,43 @@ async def test_e2e_client_disconnect_mid_stream_releases_the_slot(
     resp.close()
     await fault_upstream.wait_client_disconnect(timeout=3)
     await wait_admitted(client, url)
+
+
+async def test_e2e_a_stream_cut_before_its_usage_is_charged_an_estimate(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # The client leaves before the usage chunk: without an estimate the answer cost nothing,
+    # and tokens_per_minute could be dodged by cutting every stream.
+    fault_upstream.queue(sse_script(text_events(["tok"] * 8)[:-2], end=Hang()))
+    server = await gateway(
+        fault_upstream.url, limits={"tokens_per_minute": 1000}, middleware={"chain": CHAIN}
+    )
+    url = server.make_url("/v1/chat/completions")
+    resp = await client.post(url, json=chat(stream=True))
+    assert resp.status == 200
+    for _ in range(9):  # response.created and the eight deltas
+        await resp.content.readuntil(b"\n\n")
+    resp.close()
+    await fault_upstream.wait_client_disconnect(timeout=3)
+    await asyncio.sleep(0.1)
+    async with client.post(url, json=chat()) as after:
+        assert after.status == 200
+        # The prompt `[{"role":"user","content":"hi"}]` (32 ASCII characters x 0.3 -> 10)
+        # and one token per upstream event (the role chunk and eight texts).
+        assert after.headers["x-ratelimit-remaining-tokens"] == str(1000 - 10 - 9)
+
+
+def test_charged_tokens_are_the_usage_or_an_estimate_once_the_upstream_answered() -> None:
+    messages = [{"role": "user", "content": "你好" * 10}]  # 30 ASCII, 20 other characters
+    exchange = make_exchange("k1", upstream_body={"messages": messages})
+    assert charged_tokens(exchange) == 0  # no upstream answer: nothing generated
+    exchange.trace.upstream_statuses.append(503)
+    assert charged_tokens(exchange) == 0
+    exchange.trace.upstream_statuses.append(200)
+    exchange.trace.upstream_chunks = 4
+    assert charged_tokens(exchange) == math.ceil(0.3 * 30 + 0.6 * 20) + 4
+    exchange.trace.prompt_tokens, exchange.trace.completion_tokens = 12, 30
+    assert charged_tokens(exchange) == 42
 
 
 async def test_e2e_disconnect_while_waiting_for_upstream_headers_releases_the_slot(

@@ -153,6 +153,7 @@ class Trace:
     queue_wait: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    upstream_chunks: int = 0  # events with a payload the answer's upstream body carried
     client_key_id: str | None = None
     malformed_chunks: int = 0
     resumes: int = 0

@@ -54,6 +54,7 @@ class EventReader:
         "_secrets",
         "_template",
         "arguments_index",
+        "chunks",
     )
 
     def __init__(self, exchange: Exchange, secrets: tuple[str, ...], *, templates: bool) -> None:
@@ -67,6 +68,9 @@ class EventReader:
         self._arguments: TextTemplate | None = None
         self.arguments_index = 0  # the tool call the arguments template stands for
         self._learn_arguments = _LEARN_ATTEMPTS if templates else 0
+        # Upstream events with a payload so far: about one token each (DeepSeek streams token
+        # by token), the estimate per-key token limits charge when no usage came.
+        self.chunks = 0
 
     def restart(self) -> None:
         """A new upstream body (a resumed stream) starts with a clean decoder."""
@@ -79,7 +83,10 @@ class EventReader:
         template = self._template
         if template is None or not self._decoder.between_events(len(data)):
             return None
-        return template.event_literal(data)
+        literal = template.event_literal(data)
+        if literal is not None:
+            self.chunks += 1
+        return literal
 
     def reasoning_literal(self, data: bytes) -> bytes | None:
         """`text_literal` for one whole plain reasoning chunk (the reasoning template's): what
@@ -96,7 +103,10 @@ class EventReader:
         # `text_literal` has these lines inline: it runs on every paced read.
         if template is None or not self._decoder.between_events(len(data)):
             return None
-        return template.event_literal(data)
+        literal = template.event_literal(data)
+        if literal is not None:
+            self.chunks += 1
+        return literal
 
     def read(self, data: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
@@ -105,8 +115,10 @@ class EventReader:
         template: TextTemplate | None = None
         kind: type[TextDelta | ReasoningDelta] = TextDelta
         run: list[bytes] = []
+        payloads = 0
         for item in self._decoder.feed_raw(data):
             if type(item) is bytes:
+                payloads += 1
                 if (
                     template is not None
                     and item.startswith(template.prefix)
@@ -128,6 +140,7 @@ class EventReader:
                     trace.first_comment_at = time.monotonic()
             else:
                 assert isinstance(item, SSEEvent)
+                payloads += 1
                 if run:
                     self._run(run, template, kind, events)
                     run = []
@@ -135,6 +148,7 @@ class EventReader:
                 self._parsed(item.data, None, events)
         if run:
             self._run(run, template, kind, events)
+        self.chunks += payloads
         return events
 
     def _run_template(

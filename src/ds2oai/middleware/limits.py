@@ -35,7 +35,8 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Final, cast
 
-from ds2oai.chain import Body, Exchange, Next, Reply, Trace, passes_downstream
+from ds2oai import jsonutil
+from ds2oai.chain import Body, Exchange, Next, Reply, passes_downstream
 from ds2oai.config import Config
 from ds2oai.errors import ClientError, ConfigError
 from ds2oai.limits import (
@@ -105,6 +106,25 @@ def _with_usage(exchange: Exchange) -> Exchange:
         return exchange
     merged["include_usage"] = True
     return dataclasses.replace(exchange, upstream_body={**body, "stream_options": merged})
+
+
+def charged_tokens(exchange: Exchange) -> int:
+    """The tokens an answer costs: the upstream's usage, or, when none came (the client left,
+    or the stream broke, before the usage chunk) after the upstream began answering, an
+    estimate — else a cut answer would cost nothing and tokens_per_minute could be dodged.
+
+    The estimate: the prompt's characters at DeepSeek's published rates (about 0.3 token per
+    ASCII character, 0.6 per other one), plus one token per upstream event received (DeepSeek
+    streams token by token)."""
+    trace = exchange.trace
+    if trace.prompt_tokens is not None or trace.completion_tokens is not None:
+        return (trace.prompt_tokens or 0) + (trace.completion_tokens or 0)
+    if not trace.upstream_statuses or trace.upstream_statuses[-1] != 200:
+        return 0  # refused or failed before answering: nothing generated
+    prompt = jsonutil.dumps(exchange.upstream_body.get("messages")).decode()
+    ascii_chars = len(prompt.encode("ascii", "ignore"))
+    estimate = 0.3 * ascii_chars + 0.6 * (len(prompt) - ascii_chars)
+    return math.ceil(estimate) + trace.upstream_chunks
 
 
 def _headers(rule: KeyRule, decision: Decision) -> dict[str, str]:
@@ -291,7 +311,6 @@ class KeyLimits:
         if not rule.needs_finish:
             return self._decorate(await call_next(exchange), headers)
 
-        trace = exchange.trace
         # The slot's lease is short (a stalled Redis or a dead process must not block a key
         # for long): a timer renews it from here until `finish`, whatever the request waits on.
         renewer = (
@@ -303,7 +322,7 @@ class KeyLimits:
         async def finish() -> None:
             if renewer is not None:
                 renewer.cancel()
-            await self._finish(key, rule, lease, trace)
+            await self._finish(key, rule, lease, exchange)
 
         try:
             reply = await call_next(exchange)
@@ -352,9 +371,9 @@ class KeyLimits:
             return reply  # an untranslated upstream error: the sink renders it from its own
         return dataclasses.replace(reply, headers={**reply.headers, **headers})
 
-    async def _finish(self, key: str, rule: KeyRule, lease: str, trace: Trace) -> None:
+    async def _finish(self, key: str, rule: KeyRule, lease: str, exchange: Exchange) -> None:
         """Give the slot back and charge the answer's tokens, even if we are being cancelled."""
-        tokens = (trace.prompt_tokens or 0) + (trace.completion_tokens or 0)
+        tokens = charged_tokens(exchange) if rule.tokens_per_minute else 0
         task = asyncio.ensure_future(self._finish_now(key, rule, lease, tokens))
         self._track(task)
         await asyncio.shield(task)

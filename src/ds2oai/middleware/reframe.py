@@ -347,6 +347,7 @@ class Reframe:
         except SSEDecodeError as exc:
             collector.feed(StreamBroken(str(exc)))
         finally:
+            exchange.trace.upstream_chunks = reader.chunks
             await body.aclose()
         try:
             result = collector.result()
@@ -531,6 +532,7 @@ class Reframe:
                     reader.restart()
         finally:
             trace = exchange.trace
+            trace.upstream_chunks = reader.chunks
             if not sent:  # failed before its first byte: an HTTP error, nothing to end
                 trace.answer_open = False
             trace.outcome = trace.outcome or dialect.outcome
