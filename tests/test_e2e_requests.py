@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -232,6 +234,60 @@ async def test_a_body_that_is_not_what_its_content_encoding_says_is_400(
     status, error = await post_raw(client, server.make_url("/v1/chat/completions"), data, headers)
     assert (status, error["code"]) == (400, "invalid_body_encoding")
     assert fault_upstream.requests == []
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_inflated(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    coding: str,
+) -> None:
+    server = await gateway(fault_upstream.url)
+    body = {"messages": [{"role": "user", "content": "hé " * 1000}], "stream": True}
+    plain = json.dumps(body).encode()
+    packed = gzip.compress(plain) if coding == "gzip" else zlib.compress(plain)
+    headers = {"Content-Encoding": coding, "Content-Type": "application/json"}
+    async with client.post(
+        server.make_url("/v1/chat/completions"), data=packed, headers=headers
+    ) as r:
+        assert r.status == 200
+        assert spec_text(await read_events(r)) == "Hello world"
+    assert fault_upstream.requests[0].json["messages"] == body["messages"]
+
+
+async def test_a_compression_bomb_is_413_without_inflating_it(
+    fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # 64 KiB on the wire, 64 MiB inflated: refused at the limit (1 MiB here), not after
+    # inflating all of it, and before any key is asked for.
+    server = await gateway(
+        fault_upstream.url, server={"max_body_bytes": 1 << 20}, auth={"api_keys": ["k"]}
+    )
+    packer = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    packed = b"".join(packer.compress(block) for _ in range(64)) + packer.flush()
+    assert len(packed) < 1 << 17
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), packed, headers)
+    assert (status, error["code"]) == (413, "body_too_large")
+    assert "once decoded" in error["message"]
+    assert fault_upstream.requests == []
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+async def test_encodings_the_gateway_cannot_undo_get_its_json_400(
+    fault_upstream: FaultUpstream,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    coding: str,
+) -> None:
+    server = await gateway(fault_upstream.url)
+    headers = {"Content-Encoding": coding, "Content-Type": "application/json"}
+    status, error = await post_raw(
+        client, server.make_url("/openai/v1/chat/completions"), b"\x0b\x03\x80", headers
+    )
+    assert (status, error["code"]) == (400, "invalid_body_encoding")
 
 
 @pytest.mark.parametrize(("depth", "status"), [(128, 200), (129, 400)])

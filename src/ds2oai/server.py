@@ -29,7 +29,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
-from ds2oai import __version__, jsonutil, logs, metrics
+from ds2oai import __version__, body_encoding, jsonutil, logs, metrics
 from ds2oai.chain import (
     Downstream,
     Exchange,
@@ -261,11 +261,6 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
     logs.info(access, "request", entry)
 
 
-# What a request body may be encoded with: one of the codings aiohttp inflates (it would pass
-# any other name, or a second coding, through as if the body were plain).
-_BODY_ENCODINGS = frozenset({"gzip", "deflate"})
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     codings = [
         coding
@@ -273,21 +268,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         for coding in (part.strip().lower() for part in line.split(","))
         if coding not in ("", "identity")
     ]
-    if len(codings) > 1 or (codings and codings[0] not in _BODY_ENCODINGS):
+    if len(codings) > 1 or (codings and codings[0] not in body_encoding.ENCODINGS):
         named = ", ".join(codings)[:60]
         raise _bad_encoding(f"Content-Encoding {named!r} is not supported (one of gzip or deflate)")
     if request.content_length is not None and request.content_length > limit:
-        raise ClientError(
-            413,
-            "invalid_request_error",
-            "body_too_large",
-            f"The request body is over {limit} bytes",
-        )
+        raise _too_large(limit)
     try:
         if request.content.is_eof():  # already received whole: no timer needed
-            return await request.read()
-        async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
-            return await request.read()
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
+                raw = await request.read()
     except TimeoutError:
         raise ClientError(
             408,
@@ -297,16 +288,31 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             headers={"Connection": "close"},
         ) from None
     except web.HTTPRequestEntityTooLarge:
-        raise ClientError(
-            413,
+        raise _too_large(limit) from None
+    except web.RequestPayloadError:  # its framing broke (a bad chunk, say)
+        raise _bad_encoding("The request body could not be read as its headers say") from None
+    if not codings:
+        return raw
+    try:
+        return body_encoding.inflate(raw, codings[0], limit)
+    except body_encoding.BodyTooLarge:
+        raise _too_large(limit, " once decoded") from None
+    except body_encoding.InvalidEncoding:
+        raise ClientError(  # read whole: the connection stays usable
+            400,
             "invalid_request_error",
-            "body_too_large",
-            f"The request body is over {limit} bytes",
+            "invalid_body_encoding",
+            f"The request body could not be decoded as {codings[0]}",
         ) from None
-    except web.RequestPayloadError:  # a Content-Encoding the body does not match, say
-        raise _bad_encoding(
-            "The request body could not be decoded as its Content-Encoding says"
-        ) from None
+
+
+def _too_large(limit: int, how: str = "") -> ClientError:
+    return ClientError(
+        413,
+        "invalid_request_error",
+        "body_too_large",
+        f"The request body is over {limit} bytes{how}",
+    )
 
 
 def _bad_encoding(message: str) -> ClientError:
@@ -853,6 +859,8 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
     app = web.Application(
         middlewares=[error_boundary],
         client_max_size=config.server.max_body_bytes,
+        # Request bodies are inflated by `_read_body`, within the body limit (body_encoding).
+        handler_args={"auto_decompress": False},
     )
     app[CONFIG] = config
     app[MODEL_LABELS] = frozenset(config.models.exposed_names())
