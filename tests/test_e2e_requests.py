@@ -260,7 +260,7 @@ async def test_a_compression_bomb_is_413_without_inflating_it(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
     # 64 KiB on the wire, 64 MiB inflated: refused at the limit (1 MiB here), not after
-    # inflating all of it, and before any key is asked for.
+    # inflating all of it; and without a key, refused before the body is even read.
     server = await gateway(
         fault_upstream.url, server={"max_body_bytes": 1 << 20}, auth={"api_keys": ["k"]}
     )
@@ -269,6 +269,9 @@ async def test_a_compression_bomb_is_413_without_inflating_it(
     packed = b"".join(packer.compress(block) for _ in range(64)) + packer.flush()
     assert len(packed) < 1 << 17
     headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, error = await post_raw(client, server.make_url("/v1/chat/completions"), packed, headers)
+    assert (status, error["code"]) == (401, "invalid_api_key")
+    headers["Authorization"] = "Bearer k"
     status, error = await post_raw(client, server.make_url("/v1/chat/completions"), packed, headers)
     assert (status, error["code"]) == (413, "body_too_large")
     assert "once decoded" in error["message"]

@@ -68,6 +68,8 @@ STORE = web.AppKey("store", ResponseStore)
 SEALER = web.AppKey("sealer", Sealer)
 OWNS_PROCESS = web.AppKey("owns_process", bool)
 AUTH = web.AppKey("auth", BearerAuth)
+# Keys are configured and `auth` is the chain's first stage (as by default).
+AUTH_FIRST = web.AppKey("auth_first", bool)
 MODEL_LABELS: web.AppKey[frozenset[str]] = web.AppKey("model_labels")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -516,6 +518,11 @@ async def _send(request: web.Request, exchange: Exchange, reply: Reply) -> web.S
 
 async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
     config = request.app[CONFIG]
+    headers = _client_headers(request)
+    if request.app[AUTH_FIRST]:
+        # The chain's first stage would refuse a caller without a key anyway: do it before
+        # reading (and inflating) a body that only a key holder may make the gateway hold.
+        request.app[AUTH].authenticate(headers)
     raw = await _read_body(request, config.server.max_body_bytes)
     client_body = parse_json_body(raw)
     parsed = chat_request(client_body, config.models)
@@ -527,7 +534,7 @@ async def _chat_like(request: web.Request, dialect: str) -> web.StreamResponse:
         exposed_model=parsed.exposed_model,
         client_body=client_body,
         upstream_body=parsed.upstream_body,
-        client_headers=_client_headers(request),
+        client_headers=headers,
         trace=Trace(),
     )
     request[_EXCHANGE] = exchange
@@ -780,6 +787,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     client = UpstreamClient.create(config)
     app[UPSTREAM] = client
     app[AUTH] = BearerAuth.from_config(config)
+    app[AUTH_FIRST] = app[AUTH].enabled and config.middleware.chain[:1] == ("auth",)
     app[STORE] = open_store(config.store)
     app[SEALER] = Sealer(config.responses.secret)
     if app[SEALER].ephemeral:
