@@ -279,6 +279,34 @@ async def test_a_body_cut_short_is_disconnected_not_complete(
         await nothing_open(pool)
 
 
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+            "invalid HTTP",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (600 << 10) + b"\r\nContent-Length: 2\r\n\r\nok",
+            "head is over",
+        ),
+    ],
+)
+async def test_answers_this_client_cannot_read_fail_at_once(
+    pool: http1.Pool, answer: bytes, says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 101 escaped the parser's error handling (the loop logged a fatal transport error); a
+    # head past the read buffer's high-water mark paused the socket until the read timeout.
+    async with answering(answer) as server:
+        with pytest.raises(http1.Disconnected, match=says):
+            await asyncio.wait_for(
+                pool.request("GET", server.url + "/", read_timeout=30.0), timeout=5.0
+            )
+    await nothing_open(pool)
+    assert not [r for r in caplog.records if "Fatal error" in r.getMessage()]
+
+
 async def test_connection_close_answers_are_not_pooled(pool: http1.Pool) -> None:
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
     async with answering(answer) as server:

@@ -206,7 +206,9 @@ class _Connection(asyncio.Protocol):
         self._size += len(data)
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:  # on_message_begin's _Excess included
+        # An upgrade (101) is not a subclass of the parser's error: not an answer we can read.
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # on_message_begin's _Excess included
             if not self._complete:
                 self._fail(Disconnected(f"invalid HTTP from the upstream ({exc})"))
             self._keep_alive = False
@@ -235,6 +237,12 @@ class _Connection(asyncio.Protocol):
             if not parts and not self._complete:
                 return  # taken, or only chunk framing came: the spliced reader sleeps on
         # Left here: bytes the tap declined, the end, or a plain reader's bytes.
+        if self._size > _HIGH_WATER and not self._head_done:
+            # Only a read resumes a paused socket, and nothing reads before the head is in.
+            self._fail(Disconnected(f"the upstream's response head is over {_HIGH_WATER} bytes"))
+            self._keep_alive = False
+            self._close_transport()
+            return
         if self._size > _HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
