@@ -397,6 +397,25 @@ def test_a_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
             proc.wait()
 
 
+def test_a_hang_up_drains_the_workers_and_stops_cleanly(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    # The terminal that ran `serve --workers 2` closed: by default SIGHUP killed the parent.
+    port = free_port()
+    proc = start_serve(["--port", str(port), "--workers", "2"], mock_upstream_url, tmp_path / "log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0
+        assert not any(_alive(worker) for worker in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_workers_have_their_own_process_group(tmp_path: Path) -> None:
     # A terminal's Ctrl-C goes to the foreground group: only the supervisor may get it (it
     # passes one SIGTERM on), or a worker gets two signals and skips its drain.

@@ -60,9 +60,11 @@ async def read_stream(client: aiohttp.ClientSession, url: str, fault: str) -> by
         return await resp.read()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
-    tmp_path: Path,
+    tmp_path: Path, signum: signal.Signals
 ) -> None:
+    # SIGHUP too: the terminal or session that ran the gateway went away.
     async with FaultUpstream() as upstream:
         upstream.route("short", sse_script(text_events(SHORT), delay=0.2))  # ~1.2 s
         upstream.route("long", sse_script(text_events(LONG), delay=0.2))  # ~20 s
@@ -73,7 +75,7 @@ async def test_sigterm_drains_streams_then_cuts_the_rest_with_a_terminal_error(
                 await upstream.wait_requests(2)
                 await asyncio.sleep(0.3)
                 started = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signum)
                 await asyncio.sleep(0.3)
                 with pytest.raises(aiohttp.ClientConnectionError):
                     async with client.get(url + "/healthz"):

@@ -214,7 +214,7 @@ _QUICK_EXIT = 5.0
 def _supervise(config: Config) -> int:
     """`--workers N`: N processes on one port (SO_REUSEPORT: the kernel spreads connections),
     their metrics aggregated through files in one directory. A worker that dies while serving
-    is logged and replaced; SIGTERM/SIGINT drain all of them."""
+    is logged and replaced; SIGTERM/SIGINT/SIGHUP drain all of them."""
     metrics_dir = tempfile.mkdtemp(prefix="ds2oai-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
@@ -245,6 +245,7 @@ def _supervise(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # the terminal went away: drain, as the workers do
     try:
         for _ in range(config.server.workers):
             start()

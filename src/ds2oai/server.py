@@ -827,14 +827,26 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 SHUTDOWN_MARGIN = 1.0
 
 
+async def _hang_up_drains(app: web.Application) -> None:
+    """SIGHUP (the terminal or session that started the gateway went away, or an operator's
+    `kill -HUP`) drains like SIGTERM: by default it would kill the process mid-stream. There is
+    no reload; a changed config needs a restart."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _graceful_exit)
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit  # what aiohttp's run_app raises on SIGTERM
+
+
 async def _drain_on_shutdown(app: web.Application) -> None:
     """SIGTERM: the sites already stopped accepting. Open streams get `shutdown_grace` seconds
     to finish; then their upstream bodies are cut so each ends with its dialect's terminal
     error instead of a bare truncation, which aiohttp gives `SHUTDOWN_MARGIN` more seconds to
-    go out before it cancels what is left. A second SIGTERM/SIGINT exits at once."""
+    go out before it cancels what is left. A second SIGTERM/SIGINT/SIGHUP exits at once."""
     loop = asyncio.get_running_loop()
     if app[OWNS_PROCESS]:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, os._exit, 0)
     grace = app[CONFIG].server.shutdown_grace
@@ -876,6 +888,8 @@ def create_app(config: Config, *, owns_process: bool = False) -> web.Application
     app[_HANDLERS] = set()
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_metrics_ctx)
+    if owns_process:
+        app.on_startup.append(_hang_up_drains)
     app.on_shutdown.append(_drain_on_shutdown)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)
