@@ -28,6 +28,7 @@ from tests.fault_upstream import (
     text_events,
 )
 from tests.sse_client import Event, read_events, spec_text
+from tests.test_operations import delta, scrape
 
 TOKENS = ["Hé", "llo", " wörld", " €", " 😀", "!"]
 TEXT = "".join(TOKENS)
@@ -343,10 +344,14 @@ async def test_break_before_any_event_is_an_http_error_not_a_stream(
 ) -> None:
     fault_upstream.queue(sse_script([b": keep-alive\n\n"], end=Close()))
     server = await gateway(fault_upstream.url)
+    before = await scrape(client, server.make_url("/metrics"))
     status, error, _ = await error_of(client, server.make_url("/v1/chat/completions"))
     assert status == 502
     assert error["type"] == "upstream_connection_error"
     assert error["code"] == "upstream_stream_broken"
+    after = await scrape(client, server.make_url("/metrics"))
+    streams = "ds2oai_streams_total"
+    assert delta(before, after, streams, dialect="spec", outcome="upstream_broken") == 1
 
 
 async def test_no_headers_within_read_timeout_is_504(

@@ -293,7 +293,7 @@ async def test_encodings_the_gateway_cannot_undo_get_its_json_400(
     assert (status, error["code"]) == (400, "invalid_body_encoding")
 
 
-@pytest.mark.parametrize(("depth", "status"), [(128, 200), (129, 400)])
+@pytest.mark.parametrize(("depth", "status"), [(128, 200), (129, 400), (5000, 400)])
 async def test_nesting_is_limited_to_128_levels(
     fault_upstream: FaultUpstream, gateway: GatewayFactory, depth: int, status: int
 ) -> None:

@@ -280,6 +280,28 @@ def test_408_and_409_stay_retryable(status: int) -> None:
     assert "x-should-retry" not in error.headers
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"detail": "Model not found"}, "Model not found"),
+        (
+            {"detail": [{"loc": ["body", "messages"], "msg": "field required", "type": "x"}]},
+            "body.messages: field required",
+        ),
+    ],
+)
+def test_fastapi_shaped_errors_keep_their_message(body: dict[str, Any], message: str) -> None:
+    error = error_from_upstream(422, {}, json.dumps(body).encode())
+    assert (error.status, error.message) == (422, message)
+
+
+def test_a_body_in_an_encoding_nobody_asked_for_is_not_the_message() -> None:
+    error = error_from_upstream(400, {"content-encoding": "br"}, b"\x0b\x03\x80hello\x03")
+    assert error.message == "The upstream rejected the request"
+    gzipped = error_from_upstream(400, {"content-encoding": "gzip"}, ds_error("bad field"))
+    assert gzipped.message == "bad field"  # inflated by the upstream client already
+
+
 def test_json_error_string_body_keeps_the_string() -> None:
     error = error_from_upstream(500, {}, json.dumps({"error": "boom"}).encode())
     assert error.message == "boom"

@@ -35,15 +35,21 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise _invalid("invalid_json", "The request body is empty; expected a JSON object")
     try:
         body = jsonutil.loads(raw)
-    except jsonutil.JSONDecodeError:
+    except jsonutil.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson stops past 1024 levels
+            raise _too_deep() from None
         raise _invalid("invalid_json", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _invalid("invalid_body", "The request body must be a JSON object")
     if _depth_exceeds(body, MAX_DEPTH):
-        raise _invalid(
-            "too_deeply_nested", f"The request body nests JSON deeper than {MAX_DEPTH} levels"
-        )
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> ClientError:
+    return _invalid(
+        "too_deeply_nested", f"The request body nests JSON deeper than {MAX_DEPTH} levels"
+    )
 
 
 # orjson parses up to 1024 levels but serializes at most 254; the upstream body is re-encoded,

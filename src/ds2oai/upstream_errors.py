@@ -124,6 +124,8 @@ def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, str | No
         if isinstance(error, dict):
             message = error.get("message")
             param = error.get("param")
+            if message is None and "error" not in obj:
+                message = _detail(obj.get("detail"))
             return (
                 error_code(error.get("code")),
                 str(message) if message is not None else None,
@@ -132,6 +134,22 @@ def upstream_error_fields(body: bytes) -> tuple[str | None, str | None, str | No
         if isinstance(error, str):
             return None, error, None
     return None, None, None
+
+
+def _detail(detail: Any) -> str | None:
+    """FastAPI/Starlette's `{"detail": "..."}` or its validation list `[{"loc", "msg"}, ...]`
+    (OpenAI-compatible servers built on them answer so)."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and isinstance(item.get("msg"), str):
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+                parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+        return "; ".join(parts) or None
+    return None
 
 
 def error_from_upstream(
@@ -148,6 +166,9 @@ def error_from_upstream(
     `retried`: the gateway gave up on it after retrying; the answer then says `x-should-retry:
     false` (a 429 keeps its `Retry-After` too, for clients that pace themselves): the openai
     SDKs' own retries on top of the gateway's would multiply the upstream's load."""
+    coding = headers.get("content-encoding", "").strip().lower()
+    if coding not in _READABLE_CODINGS:
+        body = b""  # compressed in a way the client did not ask for: not words to pass on
     code, message, param = upstream_error_fields(body)
     code = (sanitize_code(code, secrets) or None) if code else None
     clean = sanitize_message(message, secrets) if message else None
@@ -219,6 +240,9 @@ def error_from_upstream(
 
 
 _NO_RETRY: Mapping[str, str] = {"x-should-retry": "false"}
+
+# What the upstream client inflates (it asks for nothing else).
+_READABLE_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

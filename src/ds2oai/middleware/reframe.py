@@ -37,6 +37,7 @@ from ds2oai.chain import (
     LastChunk,
     Next,
     Reply,
+    Trace,
     single,
     takes_downstream,
 )
@@ -500,7 +501,7 @@ class Reframe:
                             if resumed is not None:
                                 break
                     if not sent and not parts:
-                        self._raise_if_failed_early(event)
+                        self._raise_if_failed_early(exchange.trace, event)
                     produced = feed(event)
                     if produced:
                         parts.append(produced)
@@ -583,13 +584,17 @@ class Reframe:
             return None
         return reply.body
 
-    def _raise_if_failed_early(self, event: UpstreamEvent) -> None:
-        """Before any downstream byte a failure is a plain HTTP error, not an SSE event."""
+    def _raise_if_failed_early(self, trace: Trace, event: UpstreamEvent) -> None:
+        """Before any downstream byte a failure is a plain HTTP error, not an SSE event (its
+        outcome is the one the event would have given the stream)."""
         if isinstance(event, StreamBroken):
+            trace.outcome = "timeout" if event.timeout else "upstream_broken"
             raise broken_error(event.message, timeout=event.timeout)
         if isinstance(event, EndOfBody | Done):
+            trace.outcome = "upstream_broken"
             raise broken_error()
         if isinstance(event, UpstreamErrorEvent):
+            trace.outcome = "upstream_error"
             raise upstream_event_error(event.code, event.message, self._secrets)
 
 
