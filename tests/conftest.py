@@ -63,15 +63,24 @@ def blackholed_port() -> Iterator[int]:
 
 
 def start_serve(
-    args: Sequence[str], upstream_url: str, log_path: Path, *, cwd: Path = ROOT
+    args: Sequence[str],
+    upstream_url: str,
+    log_path: Path,
+    *,
+    cwd: Path = ROOT,
+    ignore_hangup: bool = False,
 ) -> subprocess.Popen[bytes]:
     """`ds2oai serve *args` as a real process, stdout and stderr into `log_path`, the upstream
-    from the environment and no `DS2OAI_CONFIG` from the one running the tests."""
+    from the environment and no `DS2OAI_CONFIG` from the one running the tests;
+    `ignore_hangup`: started as `nohup` starts it."""
     env = {**os.environ, "UPSTREAM_BASE_URL": upstream_url}
     env.pop("DS2OAI_CONFIG", None)
+    command = [sys.executable, "-m", "ds2oai", "serve", *args]
+    if ignore_hangup:
+        command = ["nohup", *command]
     with log_path.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "ds2oai", "serve", *args],
+            command,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from ds2oai.body_encoding import BodyTooLarge, InvalidEncoding, inflate
+from ds2oai.body_encoding import MAX_MEMBERS, BodyTooLarge, InvalidEncoding, inflate
 
 BODY = b'{"messages": [{"role": "user", "content": "' + b"hello " * 200 + b'"}]}'
 
@@ -68,3 +68,16 @@ def test_what_is_not_one_whole_stream_is_invalid(coding: str, packed: bytes) -> 
 def test_only_gzip_and_deflate() -> None:
     with pytest.raises(ValueError, match="br"):
         inflate(b"", "br", 10)
+
+
+def test_members_are_bounded_in_number_and_cost() -> None:
+    empty = gzip.compress(b"")
+    assert inflate(empty * MAX_MEMBERS, "gzip", 10) == b""
+    # 200,000 empty members in 4 MB: refused after the first MAX_MEMBERS, each of whose ends
+    # copies at most one feed step of leftover input (not the rest of the body).
+    with pytest.raises(InvalidEncoding, match="members"):
+        inflate(empty * 200_000, "gzip", 1 << 20)
+
+
+def test_zero_padding_after_the_last_member_is_allowed() -> None:
+    assert inflate(gzip.compress(BODY) + bytes(64), "gzip", len(BODY)) == BODY

@@ -416,6 +416,27 @@ def test_a_hang_up_drains_the_workers_and_stops_cleanly(
             proc.wait()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_under_nohup_a_hang_up_is_still_ignored(
+    tmp_path: Path, mock_upstream_url: str, workers: str
+) -> None:
+    port = free_port()
+    args = ["--port", str(port), "--workers", workers]
+    proc = start_serve(args, mock_upstream_url, tmp_path / "log", ignore_hangup=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_workers_have_their_own_process_group(tmp_path: Path) -> None:
     # A terminal's Ctrl-C goes to the foreground group: only the supervisor may get it (it
     # passes one SIGTERM on), or a worker gets two signals and skips its drain.

@@ -15,6 +15,7 @@ from ds2oai.server import UPSTREAM, create_app
 from tests.conftest import free_port
 from tests.fault_upstream import FaultUpstream, Hang, json_response, sse_script, text_events
 from tests.sse_client import parse_events, spec_text
+from tests.test_operations import delta, scrape
 
 PAYLOAD = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -170,6 +171,7 @@ async def test_a_full_connection_pool_is_a_503_not_a_failure_of_the_upstreams(
         app = create_app(config)
         server = await aiohttp_server(app)
         async with aiohttp.ClientSession() as client:
+            before = await scrape(client, server.make_url("/metrics"))
 
             async def one() -> tuple[int, dict[str, Any], str]:
                 async with client.post(server.make_url("/v1/chat/completions"), json=PAYLOAD) as r:
@@ -178,7 +180,12 @@ async def test_a_full_connection_pool_is_a_503_not_a_failure_of_the_upstreams(
                     return r.status, error, r.headers.get("Retry-After", "")
 
             results = await asyncio.gather(*(one() for _ in range(4)))
+            after = await scrape(client, server.make_url("/metrics"))
         assert sorted(status for status, _, _ in results) == [200, 503, 503, 503]
+        # The upstreams did not fail: no stream outcome is counted for the 503s.
+        streams = "ds2oai_streams_total"
+        assert delta(before, after, streams, dialect="spec", outcome="upstream_error") == 0
+        assert delta(before, after, streams, dialect="spec", outcome="completed") == 1
         for status, error, retry_after in results:
             if status == 503:
                 assert (error["type"], error["code"]) == ("server_error", "gateway_busy")

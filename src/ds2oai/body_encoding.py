@@ -13,9 +13,11 @@ from __future__ import annotations
 import zlib
 from typing import Final
 
-__all__ = ["ENCODINGS", "BodyTooLarge", "InvalidEncoding", "inflate"]
+__all__ = ["ENCODINGS", "MAX_MEMBERS", "BodyTooLarge", "InvalidEncoding", "inflate"]
 
 ENCODINGS: Final = frozenset({"gzip", "deflate"})
+MAX_MEMBERS: Final = 1024  # gzip members in one body (as aiohttp allows): real clients send one
+_STEP: Final = 64 * 1024  # compressed bytes fed at a time
 
 
 class BodyTooLarge(Exception):
@@ -40,26 +42,36 @@ def inflate(data: bytes, coding: str, limit: int) -> bytes:
     """`data` decoded from `coding` (one of `ENCODINGS`), at most `limit` bytes of it.
 
     Raises `BodyTooLarge` as soon as the output would pass `limit`, `InvalidEncoding` when the
-    data does not decode to one whole stream (gzip: one or more whole members)."""
+    data does not decode to one whole stream (gzip: up to `MAX_MEMBERS` whole members, which
+    may be followed by zero padding)."""
     if coding not in ENCODINGS:
         raise ValueError(f"not an encoding this inflates: {coding!r}")
+    view = memoryview(data)
     parts: list[bytes] = []
     size = 0
-    rest = data
+    offset = 0
     try:
-        while True:
-            decompressor = _decompressor(coding, rest)
-            out = decompressor.decompress(rest, limit + 1 - size)
-            size += len(out)
-            parts.append(out)
-            if size > limit or decompressor.unconsumed_tail:
-                raise BodyTooLarge
-            if not decompressor.eof:
-                raise InvalidEncoding("the body ends inside its compressed stream")
-            rest = decompressor.unused_data
-            if not rest:
+        for _member in range(MAX_MEMBERS):
+            decompressor = _decompressor(coding, data[offset : offset + 1])
+            while not decompressor.eof:
+                if offset >= len(data):
+                    raise InvalidEncoding("the body ends inside its compressed stream")
+                # Fed in steps: at a member's end zlib copies the input left over, so whole-
+                # body feeds would cost the square of the body's size over many members.
+                step = view[offset : offset + _STEP]
+                out = decompressor.decompress(step, limit + 1 - size)
+                size += len(out)
+                parts.append(out)
+                if size > limit:
+                    raise BodyTooLarge
+                offset += len(step) - len(decompressor.unused_data)
+            if offset == len(data):
                 return b"".join(parts)
-            if coding != "gzip":  # only gzip has members that may follow each other
+            # Only gzip has members that may follow each other, or zero padding after them.
+            if coding != "gzip" or data[offset] == 0:
+                if coding == "gzip" and data.count(b"\0", offset) == len(data) - offset:
+                    return b"".join(parts)
                 raise InvalidEncoding("bytes follow the end of the compressed stream")
     except zlib.error as exc:
         raise InvalidEncoding(str(exc)) from None
+    raise InvalidEncoding(f"more than {MAX_MEMBERS} gzip members")

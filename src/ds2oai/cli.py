@@ -245,7 +245,8 @@ def _supervise(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)  # the terminal went away: drain, as the workers do
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
+        signal.signal(signal.SIGHUP, forward)  # the terminal went away: drain, as workers do
     try:
         for _ in range(config.server.workers):
             start()

@@ -830,9 +830,16 @@ SHUTDOWN_MARGIN = 1.0
 async def _hang_up_drains(app: web.Application) -> None:
     """SIGHUP (the terminal or session that started the gateway went away, or an operator's
     `kill -HUP`) drains like SIGTERM: by default it would kill the process mid-stream. There is
-    no reload; a changed config needs a restart."""
+    no reload; a changed config needs a restart. Started with SIGHUP ignored (`nohup`), it
+    stays ignored."""
+    if _hang_up_ignored():
+        return
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _graceful_exit)
+
+
+def _hang_up_ignored() -> bool:
+    return signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def _graceful_exit() -> None:
@@ -846,7 +853,10 @@ async def _drain_on_shutdown(app: web.Application) -> None:
     go out before it cancels what is left. A second SIGTERM/SIGINT/SIGHUP exits at once."""
     loop = asyncio.get_running_loop()
     if app[OWNS_PROCESS]:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signums = [signal.SIGTERM, signal.SIGINT]
+        if not _hang_up_ignored():
+            signums.append(signal.SIGHUP)
+        for signum in signums:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, os._exit, 0)
     grace = app[CONFIG].server.shutdown_grace

@@ -243,7 +243,9 @@ class UpstreamClient:
             )
         except http1.PoolTimeout:
             # The gateway's own limit, shared by every upstream: no verdict on this one (its
-            # breaker), no failover, no retry (each would wait for the same slots).
+            # breaker), no failover, no retry (each would wait for the same slots), and no
+            # attempt made (metrics would count an upstream error).
+            exchange.trace.attempts -= 1
             raise ClientError(
                 503,
                 "server_error",

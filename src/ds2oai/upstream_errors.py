@@ -242,7 +242,7 @@ def error_from_upstream(
 _NO_RETRY: Mapping[str, str] = {"x-should-retry": "false"}
 
 # What the upstream client inflates (it asks for nothing else).
-_READABLE_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
+_READABLE_CODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

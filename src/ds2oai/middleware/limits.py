@@ -12,7 +12,7 @@ chain never runs. An admitted reply gets the `x-ratelimit-*` headers of the limi
 and its body is wrapped so that when it ends, fails or is closed — also closed before its first
 item, or when the rest of the chain raises or is cancelled — the slot is given back and the
 answer's tokens are charged, exactly once (shielded from cancellation). With a tokens limit it
-sets `stream_options.include_usage` in the upstream body, so the usage is known.
+makes sure `stream_options.include_usage` is in the upstream body (the routes put it there).
 Position: after `auth` (it limits by key; `from_config` refuses the other order), before
 `rate_limit`/`retry`/`reframe` (one admission per client request, not per upstream attempt).
 Not in the default chain; `build_middleware` refuses a config that sets limits without it.
@@ -110,7 +110,7 @@ def _with_usage(exchange: Exchange) -> Exchange:
 
 def charged_tokens(exchange: Exchange) -> int:
     """The tokens an answer costs: the upstream's usage, or, when none came (the client left,
-    or the stream broke, before the usage chunk) after the upstream began answering, an
+    or the stream broke, before the usage chunk) after the upstream generated something, an
     estimate — else a cut answer would cost nothing and tokens_per_minute could be dodged.
 
     The estimate: the prompt's characters at DeepSeek's published rates (about 0.3 token per
@@ -119,8 +119,8 @@ def charged_tokens(exchange: Exchange) -> int:
     trace = exchange.trace
     if trace.prompt_tokens is not None or trace.completion_tokens is not None:
         return (trace.prompt_tokens or 0) + (trace.completion_tokens or 0)
-    if not trace.upstream_statuses or trace.upstream_statuses[-1] != 200:
-        return 0  # refused or failed before answering: nothing generated
+    if trace.first_token_at is None:
+        return 0  # refused, or failed before its first token (by any attempt): nothing made
     prompt = jsonutil.dumps(exchange.upstream_body.get("messages")).decode()
     ascii_chars = len(prompt.encode("ascii", "ignore"))
     estimate = 0.3 * ascii_chars + 0.6 * (len(prompt) - ascii_chars)
