@@ -1,4 +1,9 @@
-"""`make run`: the bundled mock upstream (unless UPSTREAM_BASE_URL is set) plus the gateway.
+"""`make run`: the bundled mock upstream plus the gateway.
+
+The mock is left out when an upstream is given: `UPSTREAM_BASE_URL`, or `[upstream] base_url`
+in the file `DS2OAI_CONFIG` names (a user who wrote DeepSeek's URL there must not get the mock's
+answers). The gateway listens on `--host`/`--port` (the Makefile's HOST and PORT), whatever the
+file says.
 
 Starts both as child processes, waits until each answers, prints a ready line and a curl to
 try, and stops both cleanly on Ctrl-C (or when either exits).
@@ -15,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,6 +62,21 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def _configured_upstream(path: str | None) -> str | None:
+    """`[upstream] base_url` of the config file, if it sets one (read as the gateway will; a
+    file it cannot read is the gateway's to report)."""
+    if not path:
+        return None
+    try:
+        with (ROOT / path).open("rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    upstream = data.get("upstream")
+    url = upstream.get("base_url") if isinstance(upstream, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -72,7 +93,8 @@ def main() -> int:
     env = dict(os.environ)
     mock: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
-    own_mock = not env.get("UPSTREAM_BASE_URL")
+    upstream = env.get("UPSTREAM_BASE_URL") or _configured_upstream(env.get("DS2OAI_CONFIG"))
+    own_mock = not upstream
     if own_mock and _port_taken("127.0.0.1", args.mock_port):
         print(
             f"make run: port {args.mock_port} is in use (a mock upstream already running?). "
@@ -129,8 +151,9 @@ def main() -> int:
         if not _wait_http(base + "/healthz", gateway):
             print("make run: the gateway did not start", file=sys.stderr)
             return 1
+        upstream = env.get("UPSTREAM_BASE_URL") or upstream
         print(
-            f"\nds2oai ready on {base} (upstream {env['UPSTREAM_BASE_URL']}). Try:\n\n"
+            f"\nds2oai ready on {base} (upstream {upstream}). Try:\n\n"
             f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             '    -d \'{"model": "deepseek-chat", "messages": [{"role": "user", '
             '"content": "Hello"}], "stream": true}\'\n\n'

@@ -261,8 +261,11 @@ async def test_serve_warns_when_even_the_hard_open_files_limit_is_low(
     assert warned[0]["level"] == "warning"
 
 
-def _run_dev(port: int, mock_port: int) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "UPSTREAM_BASE_URL"}
+def _run_dev(port: int, mock_port: int, config: Path | None = None) -> subprocess.Popen[str]:
+    drop = ("UPSTREAM_BASE_URL", "DS2OAI_CONFIG")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if config is not None:
+        env["DS2OAI_CONFIG"] = str(config)
     argv = [sys.executable, "scripts/run_dev.py", "--port", str(port)]
     return subprocess.Popen(
         [*argv, "--mock-port", str(mock_port)],
@@ -281,6 +284,31 @@ def test_make_run_starts_both_answers_and_stops_on_ctrl_c() -> None:
             assert proc.stdout is not None
             ready = next(line for line in proc.stdout if "ds2oai ready" in line)
             assert f"upstream http://127.0.0.1:{mock_port}" in ready
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            request = urllib.request.Request(url, data=json.dumps(body).encode())
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert spec_text(parse_events(answer.read())) == NORMAL_TEXT
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_make_run_with_a_config_naming_an_upstream_starts_no_mock(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    # A config written for the real upstream must not quietly get the mock's answers.
+    config = tmp_path / "ds2oai.toml"
+    config.write_text(f'[upstream]\nbase_url = "{mock_upstream_url}"\n')
+    port, mock_port = free_port(), free_port()
+    with _run_dev(port, mock_port, config) as proc:
+        try:
+            assert proc.stdout is not None
+            ready = next(line for line in proc.stdout if "ds2oai ready" in line)
+            assert f"upstream {mock_upstream_url})" in ready
+            with socket.socket() as probe:  # its own mock was not started
+                assert probe.connect_ex(("127.0.0.1", mock_port)) != 0
             body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             request = urllib.request.Request(url, data=json.dumps(body).encode())

@@ -262,6 +262,8 @@ def test_404_is_502_upstream_status_404() -> None:
     error = error_from_upstream(404, {}, b"Not Found")
     assert triple(error) == (502, "upstream_connection_error", "upstream_status_404")
     assert error.headers == {"x-should-retry": "false"}
+    body = json.dumps({"error": {"message": "no such model", "param": "model"}}).encode()
+    assert error_from_upstream(404, {}, body).param == "model"
 
 
 @pytest.mark.parametrize("status", [405, 410, 413, 415, 418, 451])

@@ -265,7 +265,7 @@ def _log_request(request: web.Request, request_id: str, status: int, started: fl
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
     codings = [
-        coding
+        "gzip" if coding == "x-gzip" else coding  # the same (RFC 9110 8.4.1.3)
         for line in request.headers.getall("Content-Encoding", ())
         for coding in (part.strip().lower() for part in line.split(","))
         if coding not in ("", "identity")

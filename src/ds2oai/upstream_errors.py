@@ -212,6 +212,7 @@ def error_from_upstream(
             "upstream_connection_error",
             "upstream_status_404",
             clean or "The upstream has no such endpoint",
+            param=(sanitize_code(param, secrets) or None) if param else None,
             headers=_NO_RETRY,  # a wrong base_url: trying again cannot help
         )
     if 400 <= status < 500 and status not in (408, 409):
