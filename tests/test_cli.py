@@ -57,6 +57,14 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"{bad}: retry.max_retrys")
 
 
+def test_check_config_blames_the_environment_for_its_own_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("")
+    result = run_cli("check-config", str(good), env={"PORT": "abc"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "environment: PORT: expected an integer"
+
+
 def test_check_config_names_a_missing_file_once(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     result = run_cli("check-config", str(missing))

@@ -282,8 +282,8 @@ def check_config(args: argparse.Namespace) -> int:
         config = load_config(args.file)
         build_middleware(config, BUILTINS)
     except ConfigError as exc:
-        message = str(exc)  # file errors name the file already; key errors do not
-        if not message.startswith(f"{args.file}:"):
+        message = str(exc)  # file errors name the file already, environment ones say so
+        if not message.startswith((f"{args.file}:", "environment:")):
             message = f"{args.file}: {message}"
         print(message, file=sys.stderr)
         return 1

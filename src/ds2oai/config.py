@@ -516,7 +516,7 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
         try:
             server = dataclasses.replace(server, port=int(env["PORT"]))
         except ValueError:
-            raise ConfigError("PORT: expected an integer") from None
+            raise ConfigError("environment: PORT: expected an integer") from None
     pool = {
         name: dataclasses.replace(target, api_key=Secret(env.get(target.key_env, "")))
         for name, target in config.pool.items()
