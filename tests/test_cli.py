@@ -285,38 +285,26 @@ def _run_dev(port: int, mock_port: int, config: Path | None = None) -> subproces
     )
 
 
-def test_make_run_starts_both_answers_and_stops_on_ctrl_c() -> None:
-    port, mock_port = free_port(), free_port()
-    with _run_dev(port, mock_port) as proc:
-        try:
-            assert proc.stdout is not None
-            ready = next(line for line in proc.stdout if "ds2oai ready" in line)
-            assert f"upstream http://127.0.0.1:{mock_port}" in ready
-            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            request = urllib.request.Request(url, data=json.dumps(body).encode())
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                assert spec_text(parse_events(answer.read())) == NORMAL_TEXT
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=30)
-    assert proc.returncode == 0
-
-
-def test_make_run_with_a_config_naming_an_upstream_starts_no_mock(
-    tmp_path: Path, mock_upstream_url: str
+@pytest.mark.parametrize("config_names_upstream", [False, True])
+def test_make_run_starts_answers_and_stops_on_ctrl_c(
+    tmp_path: Path, mock_upstream_url: str, config_names_upstream: bool
 ) -> None:
-    # A config written for the real upstream must not quietly get the mock's answers.
-    config = tmp_path / "ds2oai.toml"
-    config.write_text(f'[upstream]\nbase_url = "{mock_upstream_url}"\n')
+    # With a config that names an upstream, that one and no mock: a config written for the
+    # real upstream must not quietly get the mock's answers.
     port, mock_port = free_port(), free_port()
+    config = None
+    upstream = f"http://127.0.0.1:{mock_port}"
+    if config_names_upstream:
+        config = tmp_path / "ds2oai.toml"
+        config.write_text(f'[upstream]\nbase_url = "{mock_upstream_url}"\n')
+        upstream = mock_upstream_url
     with _run_dev(port, mock_port, config) as proc:
         try:
             assert proc.stdout is not None
             ready = next(line for line in proc.stdout if "ds2oai ready" in line)
-            assert f"upstream {mock_upstream_url})" in ready
-            with socket.socket() as probe:  # its own mock was not started
-                assert probe.connect_ex(("127.0.0.1", mock_port)) != 0
+            assert f"upstream {upstream})" in ready
+            with socket.socket() as probe:  # its own mock runs only when none was named
+                assert (probe.connect_ex(("127.0.0.1", mock_port)) == 0) != config_names_upstream
             body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             request = urllib.request.Request(url, data=json.dumps(body).encode())
