@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import ipaddress
@@ -97,8 +98,35 @@ def _raise_open_files() -> int:
     return soft
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _tune_malloc() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A read that brings many events at once (a long answer arriving whole, or a backlog when the
+    gateway falls behind) builds buffers of hundreds of kilobytes and frees them a moment later.
+    With glibc's defaults the heap top is trimmed after each and grown again for the next (or
+    the buffer is mmapped and unmapped), and the kernel zeroes the pages every time: with a
+    2,000-chunk answer in one read that was 2.6 ms of system time per stream against 0.25 ms
+    kept (docs/decisions.md). Up to 16 MiB of free heap stays mapped; buffers under 8 MiB come
+    from the heap. Elsewhere (musl, macOS) nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 8 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 16 << 20)
+
+
 def _serve_one(config: Config) -> int:
     logs.configure(config.logging.level)
+    _tune_malloc()
     app = create_app(config, owns_process=True)
     host, port = config.server.host, config.server.port
 
