@@ -299,12 +299,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return body_encoding.inflate(raw, codings[0], limit)
     except body_encoding.BodyTooLarge:
         raise _too_large(limit, " once decoded") from None
-    except body_encoding.InvalidEncoding:
-        raise ClientError(  # read whole: the connection stays usable
-            400,
-            "invalid_request_error",
-            "invalid_body_encoding",
-            f"The request body could not be decoded as {codings[0]}",
+    except body_encoding.InvalidEncoding:  # read whole: the connection stays usable
+        raise _bad_encoding(
+            f"The request body could not be decoded as {codings[0]}", close=False
         ) from None
 
 
@@ -317,14 +314,14 @@ def _too_large(limit: int, how: str = "") -> ClientError:
     )
 
 
-def _bad_encoding(message: str) -> ClientError:
-    # The body stays unread on the connection: close it after the answer.
+def _bad_encoding(message: str, *, close: bool = True) -> ClientError:
+    # `close`: the body stays unread on the connection, which must close after the answer.
     return ClientError(
         400,
         "invalid_request_error",
         "invalid_body_encoding",
         message,
-        headers={"Connection": "close"},
+        headers={"Connection": "close"} if close else None,
     )
 
 

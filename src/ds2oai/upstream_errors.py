@@ -171,6 +171,7 @@ def error_from_upstream(
         body = b""  # compressed in a way the client did not ask for: not words to pass on
     code, message, param = upstream_error_fields(body)
     code = (sanitize_code(code, secrets) or None) if code else None
+    param = (sanitize_code(param, secrets) or None) if param else None
     clean = sanitize_message(message, secrets) if message else None
     if status in (401, 403):
         return ClientError(
@@ -204,26 +205,19 @@ def error_from_upstream(
             "invalid_request_error",
             code or "invalid_request_error",
             clean or "The upstream rejected the request",
-            param=(sanitize_code(param, secrets) or None) if param else None,
-        )
-    if status == 404:
-        return ClientError(
-            502,
-            "upstream_connection_error",
-            "upstream_status_404",
-            clean or "The upstream has no such endpoint",
-            param=(sanitize_code(param, secrets) or None) if param else None,
-            headers=_NO_RETRY,  # a wrong base_url: trying again cannot help
+            param=param,
         )
     if 400 <= status < 500 and status not in (408, 409):
-        # Another refusal of this very request (413, 415, ...): the same request gets the same
-        # answer, so the SDKs must not retry the 502 (they would: they retry every 5xx).
+        # Another refusal of this very request (404: a wrong base_url; 413, 415, ...): the same
+        # request gets the same answer, so the SDKs must not retry the 502 (they would: they
+        # retry every 5xx).
+        default = "The upstream has no such endpoint" if status == 404 else None
         return ClientError(
             502,
             "upstream_connection_error",
             f"upstream_status_{status}",
-            clean or f"The upstream answered HTTP {status}",
-            param=(sanitize_code(param, secrets) or None) if param else None,
+            clean or default or f"The upstream answered HTTP {status}",
+            param=param,
             headers=_NO_RETRY,
         )
     if retried:

@@ -11,8 +11,8 @@ request, which also takes a concurrency slot; over a limit it raises a 429 `rate
 chain never runs. An admitted reply gets the `x-ratelimit-*` headers of the limits that apply,
 and its body is wrapped so that when it ends, fails or is closed — also closed before its first
 item, or when the rest of the chain raises or is cancelled — the slot is given back and the
-answer's tokens are charged, exactly once (shielded from cancellation). With a tokens limit it
-makes sure `stream_options.include_usage` is in the upstream body (the routes put it there).
+answer's tokens are charged, exactly once (shielded from cancellation): the usage the routes
+ask every upstream answer for (`stream_options.include_usage`), or an estimate when none came.
 Position: after `auth` (it limits by key; `from_config` refuses the other order), before
 `rate_limit`/`retry`/`reframe` (one admission per client request, not per upstream attempt).
 Not in the default chain; `build_middleware` refuses a config that sets limits without it.
@@ -96,16 +96,6 @@ def rules_from_config(config: Config) -> tuple[KeyRule, dict[str, KeyRule]]:
 
 def _pick(value: int | None, default: int) -> int:
     return default if value is None else value
-
-
-def _with_usage(exchange: Exchange) -> Exchange:
-    body = exchange.upstream_body
-    options = body.get("stream_options")
-    merged = {**options} if isinstance(options, Mapping) else {}
-    if merged.get("include_usage") is True:
-        return exchange
-    merged["include_usage"] = True
-    return dataclasses.replace(exchange, upstream_body={**body, "stream_options": merged})
 
 
 def charged_tokens(exchange: Exchange) -> int:
@@ -306,8 +296,6 @@ class KeyLimits:
         if decision.refused is not None:
             LIMITS_REFUSED.labels(key, decision.refused).inc()
             raise _refusal(rule, decision, headers)
-        if rule.tokens_per_minute:
-            exchange = _with_usage(exchange)
         if not rule.needs_finish:
             return self._decorate(await call_next(exchange), headers)
 
