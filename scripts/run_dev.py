@@ -129,8 +129,8 @@ def main() -> int:
                 ],
                 cwd=ROOT,
             )
-            env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{args.mock_port}"
-            if not _wait_http(env["UPSTREAM_BASE_URL"] + "/", mock):
+            upstream = env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{args.mock_port}"
+            if not _wait_http(upstream + "/", mock):
                 print("make run: the mock upstream did not start", file=sys.stderr)
                 return 1
         gateway = subprocess.Popen(
@@ -151,7 +151,6 @@ def main() -> int:
         if not _wait_http(base + "/healthz", gateway):
             print("make run: the gateway did not start", file=sys.stderr)
             return 1
-        upstream = env.get("UPSTREAM_BASE_URL") or upstream
         print(
             f"\nds2oai ready on {base} (upstream {upstream}). Try:\n\n"
             f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
